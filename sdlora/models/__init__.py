@@ -1,0 +1,1 @@
+"""Base models: loading (hub id, diffusers folder, single file), tokenizer, tiny and demo models."""

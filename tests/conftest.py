@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny real-architecture models built in the test session (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+@pytest.fixture()
+def tiny_pipe():
+    """A fresh tiny StableDiffusionPipeline (random weights, seed 0); safe to modify."""
+    from sdlora.models.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny model saved once per session as a diffusers folder. Treat as read-only."""
+    from sdlora.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
