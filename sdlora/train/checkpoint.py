@@ -1,0 +1,120 @@
+"""Checkpoints for exact resume: adapter weights, optimizer, LR scheduler, every RNG, data position.
+
+A checkpoint is a folder ``checkpoints/step-N/`` written under a temporary name and renamed when
+complete, so a loader never sees a half-written one. Tensors are stored with safetensors; the
+optimizer state with ``torch.save`` and read back with ``weights_only=True`` (no pickled code).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..paths import atomic_dir
+
+
+def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every parameter that trains, keyed ``<module name>/<param name>``."""
+    out = {}
+    for prefix, module in modules.items():
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                out[f"{prefix}/{name}"] = p.detach().contiguous().clone()
+    return out
+
+
+def load_trainable_state(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    expected = trainable_state(modules).keys()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not fit this run's adapters: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for prefix, module in modules.items():
+            params = dict(module.named_parameters())
+            for key, value in state.items():
+                mod, _, name = key.partition("/")
+                if mod == prefix:
+                    params[name].copy_(value)
+
+
+def rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {
+        "python": _tuples_to_lists(random.getstate()),
+        "numpy": _np_state_to_json(np.random.get_state()),
+    }
+    return st
+
+
+def set_rng_state(st: dict[str, Any], torch_state: torch.Tensor, cuda_states: list[torch.Tensor]) -> None:
+    random.setstate(_lists_to_tuples(st["python"]))
+    np.random.set_state(_np_state_from_json(st["numpy"]))
+    torch.set_rng_state(torch_state)
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def save_checkpoint(path: Path, *, step: int, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler,
+                    extra: dict[str, Any]) -> Path:
+    """Write a complete checkpoint folder atomically. ``extra`` must be JSON-serialisable."""
+    with atomic_dir(path) as tmp:
+        save_file(trainable_state(modules), str(tmp / "adapter.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        tensors = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"cuda{i}"] = s
+        save_file(tensors, str(tmp / "rng.safetensors"))
+        state = dict(step=step, rng=rng_state(), lr_scheduler=_jsonable(lr_scheduler.state_dict()), **extra)
+        (tmp / "state.json").write_text(json.dumps(state))
+    return path
+
+
+def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> dict[str, Any]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its state dict (step, extra)."""
+    state = json.loads((path / "state.json").read_text())
+    load_trainable_state(modules, load_file(str(path / "adapter.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    rng = load_file(str(path / "rng.safetensors"))
+    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+    set_rng_state(state["rng"], rng["torch"], cuda)
+    return state
+
+
+def prune_checkpoints(checkpoints: list[Path], keep: int) -> None:
+    for old in checkpoints[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items() if not callable(v)}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def _tuples_to_lists(x: Any) -> Any:
+    return [_tuples_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _lists_to_tuples(x: Any) -> Any:
+    return tuple(_lists_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _np_state_to_json(st) -> list:
+    return [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])]
+
+
+def _np_state_from_json(st: list):
+    return (st[0], np.array(st[1], dtype=np.uint32), st[2], st[3], st[4])

@@ -1,0 +1,193 @@
+"""Run directories: the unit of persistence of a training run.
+
+``runs/<name>/`` holds ``config.toml`` (resolved), ``events.jsonl``, ``status.json``,
+``checkpoints/step-N/``, ``samples/`` and the final ``<name>.safetensors``. A web page or a CLI only
+reads this folder and sends stop/resume, so a page refresh or an app restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..paths import atomic_write_text
+from .events import read_events
+
+STATES = ("queued", "running", "stopped", "done", "failed")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of this process counts as ended.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # ---- files ------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "train.log"
+
+    @property
+    def lora_path(self) -> Path:
+        return self.path / f"{self.name}.safetensors"
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def load_config(self):
+        from .config import TrainConfig
+
+        return TrainConfig.from_toml(self.config_path, validate=False)
+
+    def write_config(self, cfg) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_path, cfg.to_toml())
+
+    # ---- status -----------------------------------------------------------------------------
+    def write_status(self, state: str, message: str = "", **extra: Any) -> None:
+        assert state in STATES, state
+        data = dict(state=state, message=message, pid=extra.pop("pid", os.getpid()), updated=time.time(), **extra)
+        atomic_write_text(self.status_path, json.dumps(data, indent=1))
+
+    def status(self) -> dict[str, Any]:
+        """The run's state; a 'running' run whose process is gone is reported as stopped."""
+        try:
+            st = json.loads(self.status_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            st = {"state": "queued" if self.exists() else "failed", "message": "" if self.exists() else "no config.toml"}
+        if st.get("state") in ("running", "queued") and st.get("pid") and not pid_alive(st["pid"]):
+            st["state"] = "stopped"
+            st["message"] = ("the training process ended without a word (killed or crashed); "
+                             "resume continues from the newest checkpoint")
+        last = self.last_step_event()
+        st.setdefault("step", last["step"] if last else 0)
+        if last:
+            st["step"] = max(st.get("step", 0), last["step"])
+            st["total_steps"] = last["total_steps"]
+        st["name"] = self.name
+        st["checkpoint"] = self.latest_checkpoint().name if self.latest_checkpoint() else None
+        st["lora"] = str(self.lora_path) if self.lora_path.is_file() else None
+        return st
+
+    def events(self, types: set[str] | None = None) -> list[dict[str, Any]]:
+        return list(read_events(self.events_path, types))
+
+    def last_step_event(self) -> dict[str, Any] | None:
+        last = None
+        for ev in read_events(self.events_path, {"step"}):
+            last = ev
+        return last
+
+    def samples(self) -> list[Path]:
+        if not self.samples_dir.is_dir():
+            return []
+        return sorted((p for p in self.samples_dir.glob("*.png") if not p.name.startswith(".")),
+                      key=lambda p: p.stat().st_mtime)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (incomplete ones only ever exist under temp names)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = []
+        for p in self.checkpoints_dir.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / "state.json").is_file():
+                found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
+
+    def latest_checkpoint(self) -> Path | None:
+        cps = self.checkpoints()
+        return cps[-1] if cps else None
+
+    # ---- process control -------------------------------------------------------------------
+    def is_running(self) -> bool:
+        st = self.status()
+        return st["state"] in ("running", "queued") and pid_alive(st.get("pid"))
+
+    def start_process(self, *, resume: bool = True) -> int:
+        """Start ``sdlora train --resume RUN_DIR`` as a child process in its own session."""
+        if self.is_running():
+            raise RuntimeError(f"run {self.name} is already running")
+        self.path.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "sdlora.cli", "train", "--resume", str(self.path), "--no-progress"]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
+        log.close()
+        self.write_status("queued", "starting", pid=proc.pid)
+        return proc.pid
+
+    def stop(self, timeout: float = 0.0) -> bool:
+        """Ask a running training to save a checkpoint and stop (SIGTERM). Returns True if signalled."""
+        st = self.status()
+        pid = st.get("pid")
+        if st["state"] not in ("running", "queued") or not pid_alive(pid):
+            return False
+        os.kill(pid, signal.SIGTERM)
+        end = time.time() + timeout
+        while timeout and time.time() < end and pid_alive(pid):
+            time.sleep(0.1)
+        return True
+
+
+def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """Status of every run directory under ``runs_dir``, newest first."""
+    base = Path(runs_dir)
+    if not base.is_dir():
+        return []
+    runs = [RunDir(p) for p in base.iterdir() if p.is_dir() and (p / "config.toml").is_file()]
+    runs.sort(key=lambda r: r.config_path.stat().st_mtime, reverse=True)
+    return [r.status() for r in runs]

@@ -1,0 +1,56 @@
+"""One training step: noise -> UNet -> loss. The whole objective in one screen.
+
+Epsilon or v-prediction (from the noise scheduler's config), min-SNR-gamma weighting
+(Hang et al. 2023), noise offset, and the DreamBooth prior-preservation term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor              # what is back-propagated
+    loss_instance: float            # the instance (style) images' part
+    loss_prior: float | None        # the class images' part, when prior preservation is on
+
+
+def diffusion_loss(unet, latents: torch.Tensor, encoder_hidden_states: torch.Tensor, noise_scheduler, *,
+                   min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
+                   is_prior: torch.Tensor | None = None, prior_loss_weight: float = 1.0) -> StepLoss:
+    """Loss of one batch. ``is_prior`` marks class images (bool per sample) for prior preservation."""
+    bsz = latents.shape[0]
+    noise = torch.randn_like(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(bsz, latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=min_snr_gamma)
+        per_sample = per_sample * (weight / (snr + 1) if prediction_type == "v_prediction" else weight / snr)
+
+    if is_prior is not None and bool(is_prior.any()):
+        inst, prior = per_sample[~is_prior], per_sample[is_prior]
+        inst_loss = inst.mean() if inst.numel() else per_sample.new_zeros(())
+        loss = inst_loss + prior_loss_weight * prior.mean()
+        return StepLoss(loss, float(inst_loss.detach()), float(prior.mean().detach()))
+    loss = per_sample.mean()
+    return StepLoss(loss, float(loss.detach()), None)
