@@ -1,0 +1,278 @@
+"""``sdlora`` command line: argument parsing -> public API calls -> rendering events.
+
+Every command has ``--help``. Bad arguments print one line and exit with code 2; a failure of the
+work itself (a broken file, an invalid config) prints one line naming the problem and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one clear line (and exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class UserError(Exception):
+    """A problem with what the user gave; printed as one line, exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+def _progress_renderer(enabled: bool) -> Callable[[Any], None]:
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {"bar": None}
+
+    def render(ev) -> None:
+        d = ev.to_dict()
+        t = d["type"]
+        bar = state["bar"]
+        if t == "start":
+            if enabled:
+                state["bar"] = tqdm(total=d["total_steps"], initial=d["start_step"], unit="step", dynamic_ncols=True,
+                                    desc=Path(d["run_dir"]).name)
+            else:
+                print(f"training {d['run_dir']}: {d['num_images']} images, {d['trainable_params']:,} trainable "
+                      f"parameters, {d['device']} {d['precision']}, steps {d['start_step']}->{d['total_steps']}", flush=True)
+        elif t == "step":
+            post = dict(loss=f"{d['loss']:.4f}", lr=f"{d['lr']:.2e}")
+            if d.get("mfu"):
+                post["mfu"] = f"{100 * d['mfu']:.0f}%"
+            if bar is not None:
+                bar.n = d["step"]
+                bar.set_postfix(post, refresh=False)
+                bar.refresh()
+            elif d["step"] == 1 or d["step"] % 10 == 0 or d["step"] == d["total_steps"]:
+                print(f"step {d['step']}/{d['total_steps']} loss {d['loss']:.4f} lr {d['lr']:.2e} "
+                      f"{d['it_per_s']:.2f} it/s eta {d['eta_s']:.0f}s", flush=True)
+        else:
+            text = {"message": lambda: d["text"], "warning": lambda: "warning: " + d["text"],
+                    "sample": lambda: f"samples at step {d['step']}: {', '.join(d['paths'])}",
+                    "checkpoint": lambda: f"checkpoint {d['path']}",
+                    "done": lambda: f"done: {d['lora_path']} ({d['seconds']:.0f}s)",
+                    "stopped": lambda: f"stopped at step {d['step']}; continue with: sdlora train --resume "
+                                       f"{Path(d['checkpoint']).parent.parent if d.get('checkpoint') else '<run dir>'}",
+                    "failed": lambda: "failed: " + d["error"]}.get(t)
+            if text:
+                (bar.write if bar is not None else print)(text())
+            if t in ("done", "stopped", "failed") and bar is not None:
+                bar.close()
+
+    return render
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train.config import TrainConfig
+    from .train.loop import train
+
+    if a.resume and (a.config or a.set):
+        raise UserError("--resume continues a run with its own config.toml; do not give a config or --set with it")
+    if not a.resume and not a.config and not a.set:
+        raise UserError("give a config file (e.g. configs/demo_style.toml), --set key=value options, or --resume RUN_DIR")
+    render = _progress_renderer(enabled=not a.no_progress and sys.stderr.isatty())
+    if a.resume:
+        result = train(resume=a.resume, callbacks=[render])
+    else:
+        cfg = TrainConfig.from_toml(a.config, a.set)
+        result = train(cfg, callbacks=[render])
+    return 0 if result.state in ("done", "stopped") else 1
+
+
+# ----------------------------------------------------------------------------------------------
+def _parse_lora(item: str) -> tuple[str, float]:
+    path, sep, weight = item.rpartition(":")
+    if sep and path and not path.endswith(("/", "\\")):
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return item, 1.0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .generate import Previewer
+
+    loras = [_parse_lora(x) for x in a.lora or []]
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise UserError(f"--lora {path}: file not found")
+    prev = Previewer(a.base)
+    prev.set_loras(loras)
+    kw = dict(prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed, steps=a.steps, guidance=a.guidance,
+              width=a.width, height=a.height, scheduler=a.scheduler)
+    out = Path(a.out)
+    if a.grid:
+        scales = [float(s) for s in a.grid.split(",")]
+        images = prev.scale_grid(scales, **kw)
+        from .generate import image_grid
+
+        img = image_grid(images, labels=[f"{s:g}" for s in scales])
+    else:
+        img = prev.generate(scale=a.scale, **kw)
+    from .paths import atomic_path
+
+    with atomic_path(out, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    print(out)
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .lora.formats import inspect_file
+
+    info = inspect_file(a.file)
+    if a.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    from .lora.formats import format_inspection
+
+    print(format_inspection(info))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .lora.formats import export_from
+
+    out = export_from(a.source, fmt=a.format, out=a.out, step=a.step, rank=a.rank)
+    print(out)
+    return 0
+
+
+def cmd_tiny_model(a: argparse.Namespace) -> int:
+    from .models.tiny import save_tiny_model
+
+    out = save_tiny_model(a.dir, seed=a.seed, prediction_type=a.prediction_type)
+    print(out)
+    return 0
+
+
+def cmd_demo_base(a: argparse.Namespace) -> int:
+    from .models.demo import train_base
+
+    return int(train_base.main(a.args) or 0)
+
+
+def cmd_ui(a: argparse.Namespace) -> int:
+    from .ui.server import main as ui_main
+
+    return int(ui_main(a.args) or 0)
+
+
+def cmd_variants(a: argparse.Namespace) -> int:
+    from .lora import variants
+
+    for name in variants.available():
+        print(f"{name:12s} {variants.get(name).description}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sdlora", description="Train style LoRAs for Stable Diffusion; preview, inspect and export them.")
+    p.add_argument("--version", action="version", version=f"sdlora {__import__('sdlora').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a LoRA from a config file (and --set overrides), or resume a run",
+                       description="Train a LoRA. Runs go to output_dir/output_name (default runs/my-style).")
+    t.add_argument("config", nargs="?", help="TOML config file (see configs/)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a config option (repeatable)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate an image with a base model and LoRAs")
+    g.add_argument("--base", default=None, help="base model (default: the bundled demo model)")
+    g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="LoRA file, optionally with a weight (repeatable)")
+    g.add_argument("--scale", type=float, default=1.0, help="LoRA scale (0 = base, negative allowed)")
+    g.add_argument("--grid", metavar="S1,S2,...", help="make a grid of these scales instead of one image")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--scheduler", default="dpmpp_2m", choices=["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"])
+    g.add_argument("--out", required=True, help="output PNG")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="show what a LoRA file contains")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("export", help="export a run's LoRA (or convert a file) to kohya/A1111 or diffusers format")
+    e.add_argument("source", metavar="RUN_OR_FILE")
+    e.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    e.add_argument("--out", required=True)
+    e.add_argument("--step", type=int, default=None, help="export this checkpoint step of a run")
+    e.add_argument("--rank", type=int, default=None, help="export at this rank (DyLoRA truncation or SVD)")
+    e.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("tiny-model", help="write a tiny random-weight SD model (diffusers folder) for tests")
+    m.add_argument("dir")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    m.set_defaults(func=cmd_tiny_model)
+
+    d = sub.add_parser("demo-base", help="train the bundled demo base model (sdlora demo-base train --out DIR)",
+                       add_help=False)
+    d.add_argument("args", nargs=argparse.REMAINDER)
+    d.set_defaults(func=cmd_demo_base)
+
+    u = sub.add_parser("ui", help="start the web app (same options as python app.py)", add_help=False)
+    u.add_argument("args", nargs=argparse.REMAINDER)
+    u.set_defaults(func=cmd_ui)
+
+    v = sub.add_parser("variants", help="list the adapter methods (network_type)")
+    v.set_defaults(func=cmd_variants)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .train.config import ConfigError
+
+    errors: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError)
+    try:
+        from .lora.formats import LoraFormatError
+
+        errors += (LoraFormatError,)
+    except ImportError:
+        pass
+    try:
+        from .models.loading import ModelLoadError
+
+        errors += (ModelLoadError,)
+    except ImportError:
+        pass
+    try:
+        from .train.loop import TrainingError
+
+        errors += (TrainingError,)
+    except ImportError:
+        pass
+    try:
+        return args.func(args)
+    except errors as e:
+        print(f"sdlora {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

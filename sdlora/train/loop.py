@@ -1,0 +1,317 @@
+"""The training loop: ``train(config, callbacks=[...])``.
+
+Read top to bottom: preflight checks (before any model is loaded), run directory, accelerate,
+base model, adapters, data (+ cached latents / text embeddings), class images for prior
+preservation, optimizer and schedule, resume, then the loop with samples, checkpoints and events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from .config import ConfigError, TrainConfig
+from .events import Callback, Checkpoint, Done, EventLog, Failed, Message, Start, Step, Stopped, Warning_
+from .perf import count_flops, matmul_peak_flops, resolve_precision
+from .runs import RunDir
+from .step import diffusion_loss
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what to change."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    state: str                 # "done" | "stopped"
+    step: int
+    lora_path: Path | None
+    checkpoint: Path | None
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT ask the loop to save a checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def prepare_run(cfg: TrainConfig) -> RunDir:
+    """Validate, check the data (before loading any model) and write the run's config.toml."""
+    cfg.validate()
+    from . import data_glue
+
+    data_glue.preflight(cfg)
+    run = RunDir(cfg.run_dir)
+    if run.exists() and (run.latest_checkpoint() or run.lora_path.exists()):
+        raise ConfigError("output_name", f"run directory {run.path} already holds a run; choose another output_name "
+                          f"or resume it with `sdlora train --resume {run.path}`")
+    run.write_config(cfg)
+    return run
+
+
+def train(cfg: TrainConfig | None = None, callbacks: list[Callback] | None = None, *,
+          resume: str | Path | None = None) -> TrainResult:
+    """Train a LoRA as configured and export it; or continue the run directory ``resume``.
+
+    Events go to ``callbacks`` and ``run_dir/events.jsonl``. On SIGTERM/SIGINT a checkpoint is saved
+    and the result's state is ``"stopped"``; ``train(resume=run_dir)`` continues exactly from it.
+    """
+    if resume is not None:
+        run = RunDir(resume)
+        if not run.exists():
+            raise ConfigError("resume", f"{run.path} is not a run directory (no config.toml)")
+        cfg = run.load_config()
+        cfg.validate()
+        from . import data_glue
+
+        data_glue.preflight(cfg)
+    else:
+        if cfg is None:
+            raise ValueError("train() needs a config or resume=RUN_DIR")
+        run = prepare_run(cfg)
+
+    from accelerate import Accelerator
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision, precision_warning = resolve_precision(cfg.mixed_precision, device)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              cpu=device == "cpu", log_with="tensorboard" if cfg.log_with else None,
+                              project_dir=str(run.path / "logs") if cfg.log_with else None)
+    log = EventLog(run.events_path, callbacks, enabled=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        run.write_status("running", "loading the base model", step=0, total_steps=cfg.max_train_steps)
+    if precision_warning:
+        log.emit(Warning_(precision_warning))
+    step = 0
+    try:
+        with _StopFlag() as stop:
+            return _train(cfg, run, accelerator, log, stop, precision, resume is not None)
+    except (TrainingError, ConfigError) as e:
+        _fail(run, log, accelerator, step, str(e))
+        raise
+    except torch.cuda.OutOfMemoryError:
+        msg = ("out of memory: lower train_batch_size, resolution or network_dim, or turn on gradient_checkpointing "
+               "and mixed_precision")
+        _fail(run, log, accelerator, step, msg)
+        raise TrainingError(msg) from None
+    except Exception as e:  # noqa: BLE001 - the run directory must say why it failed
+        _fail(run, log, accelerator, step, f"{type(e).__name__}: {e}")
+        raise
+
+
+def _fail(run: RunDir, log: EventLog, accelerator, step: int, message: str) -> None:
+    last = run.last_step_event()
+    step = last["step"] if last else step
+    log.emit(Failed(step=step, error=message))
+    if accelerator.is_main_process:
+        run.write_status("failed", message, step=step)
+
+
+def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _StopFlag, precision: str,
+           resumed: bool) -> TrainResult:
+    from diffusers.optimization import get_scheduler
+
+    from ..lora.training import adapter_modules, build_param_groups, export_run_lora, inject_for_training
+    from ..models.loading import load_base
+    from . import data_glue
+
+    t_start = time.time()
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed + accelerator.process_index)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    if accelerator.device.type == "cpu":
+        weight_dtype = torch.float32  # frozen weights stay fp32 on CPU; autocast runs the matmuls in bf16
+
+    log.emit(Message(f"loading base model {cfg.pretrained_model_name_or_path}"))
+    base = load_base(cfg.pretrained_model_name_or_path, dtype=weight_dtype, device=str(accelerator.device))
+    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    noise_scheduler = base.noise_scheduler
+
+    # Class images are made with the plain base model, before adapters exist.
+    class_items = []
+    if cfg.with_prior_preservation:
+        class_items = data_glue.ensure_class_images(cfg, base, log, accelerator)
+
+    injected = inject_for_training(unet, text_encoder if cfg.train_text_encoder else None, cfg)
+    modules = adapter_modules(unet, text_encoder, cfg)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    for name, m in modules.items():
+        m.train()
+
+    data = data_glue.build(cfg, base, class_items, accelerator, log)
+    param_groups = build_param_groups(unet, text_encoder if cfg.train_text_encoder else None, cfg)
+    n_trainable = sum(p.numel() for g in param_groups for p in g["params"])
+    optimizer = _make_optimizer(cfg, param_groups, accelerator.device)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+
+    start_step = 0
+    latest = run.latest_checkpoint()
+    if resumed and latest is not None:
+        state = load_checkpoint(latest, modules=modules, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        start_step = state["step"]
+        data.load_state_dict(state["data"])
+        log.emit(Message(f"resumed from {latest.name}"))
+
+    # Only what must be wrapped is prepared: DDP for the trained modules when there are several
+    # processes, and the optimizer (fp16 grad scaling). The LR schedule is stepped by hand, once per
+    # optimizer step, so it does not depend on the number of processes.
+    multi = accelerator.num_processes > 1
+    train_unet = accelerator.prepare(unet) if multi else unet
+    train_te = accelerator.prepare(text_encoder) if multi and cfg.train_text_encoder else text_encoder
+    optimizer = accelerator.prepare(optimizer)
+
+    log.emit(Start(run_dir=str(run.path), total_steps=cfg.max_train_steps, start_step=start_step,
+                   num_images=data.num_images, num_train_items=data.num_items, device=str(accelerator.device),
+                   precision=precision, trainable_params=n_trainable, resumed=start_step > 0))
+    if accelerator.is_main_process:
+        run.write_status("running", "training", step=start_step, total_steps=cfg.max_train_steps)
+
+    def micro_step(batch) -> Any:
+        hidden = data.encode_prompts(batch, train_te)
+        with accelerator.autocast():
+            out = diffusion_loss(train_unet, batch.latents, hidden, noise_scheduler,
+                                 min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
+                                 is_prior=batch.is_prior, prior_loss_weight=cfg.prior_loss_weight)
+        accelerator.backward(out.loss)
+        return out
+
+    peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32, accelerator.device.type)
+    flops_per_step: float | None = None
+    times: list[float] = []
+    step = start_step
+    params = [p for g in param_groups for p in g["params"]]
+    while step < cfg.max_train_steps:
+        t0 = time.perf_counter()
+        losses, prior_losses = [], []
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch = data.next_batch()
+            final = micro == cfg.gradient_accumulation_steps - 1
+            sync = contextlib.nullcontext() if final or not multi else accelerator.no_sync(train_unet)
+            with sync:
+                if flops_per_step is None:
+                    box: dict[str, Any] = {}
+                    flops_per_step = count_flops(lambda: box.setdefault("out", micro_step(batch)))
+                    flops_per_step *= cfg.gradient_accumulation_steps
+                    out = box["out"]
+                else:
+                    out = micro_step(batch)
+            losses.append(out.loss_instance)
+            if out.loss_prior is not None:
+                prior_losses.append(out.loss_prior)
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss = sum(losses) / len(losses)
+        if not math.isfinite(loss):
+            good = run.latest_checkpoint()
+            raise TrainingError(f"loss became {loss} at step {step}; stopped. Lower learning_rate (now {cfg.learning_rate:g})"
+                                f" or use mixed_precision=no. The last good checkpoint is "
+                                f"{good.name if good else 'none (no checkpoint was saved yet)'}")
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        recent = times[-20:] if len(times) > 1 else times
+        sec = sum(recent[1:] if len(recent) > 1 else recent) / max(1, len(recent) - (1 if len(recent) > 1 else 0))
+        log.emit(Step(step=step, total_steps=cfg.max_train_steps, loss=loss, lr=lr_scheduler.get_last_lr()[0],
+                      it_per_s=1.0 / sec if sec > 0 else 0.0, eta_s=sec * (cfg.max_train_steps - step),
+                      loss_prior=sum(prior_losses) / len(prior_losses) if prior_losses else None,
+                      mfu=(flops_per_step / sec / peak) if flops_per_step and sec > 0 else None, epoch=data.epoch))
+
+        want_stop = _all_agree(stop.set, accelerator)
+        last = step >= cfg.max_train_steps
+        if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and not last and accelerator.is_main_process:
+            data_glue.make_samples(cfg, base, run, step, log)
+        if want_stop or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0) or last:
+            cp = _checkpoint(run, cfg, step, modules, optimizer, lr_scheduler, data, accelerator, log)
+            if want_stop and not last:
+                log.emit(Stopped(step=step, checkpoint=str(cp) if cp else None))
+                if accelerator.is_main_process:
+                    run.write_status("stopped", f"stopped at step {step}; resume to continue", step=step,
+                                     total_steps=cfg.max_train_steps)
+                return TrainResult(run.path, "stopped", step, None, cp)
+
+    lora_path = None
+    if accelerator.is_main_process:
+        data_glue.make_samples(cfg, base, run, step, log)
+        lora_path = export_run_lora(unet, text_encoder if cfg.train_text_encoder else None, cfg, run.lora_path,
+                                    data_glue.training_metadata(cfg, data, step, t_start))
+        run.write_status("done", "finished", step=step, total_steps=cfg.max_train_steps)
+    accelerator.wait_for_everyone()
+    log.emit(Done(step=step, lora_path=str(lora_path or run.lora_path), seconds=time.time() - t_start))
+    accelerator.end_training()
+    return TrainResult(run.path, "done", step, lora_path, run.latest_checkpoint())
+
+
+def _checkpoint(run, cfg, step, modules, optimizer, lr_scheduler, data, accelerator, log) -> Path | None:
+    accelerator.wait_for_everyone()
+    path = None
+    if accelerator.is_main_process:
+        path = save_checkpoint(run.checkpoints_dir / f"step-{step}", step=step, modules=modules, optimizer=optimizer,
+                               lr_scheduler=lr_scheduler, extra=dict(data=data.state_dict()))
+        prune_checkpoints(run.checkpoints(), cfg.save_last_n_checkpoints)
+        log.emit(Checkpoint(step=step, path=str(path)))
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _all_agree(flag: bool, accelerator) -> bool:
+    """A stop asked on any process stops all of them at the same step."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _make_optimizer(cfg: TrainConfig, param_groups: list[dict], device) -> torch.optim.Optimizer:
+    kwargs = dict(cfg.optimizer_args)
+    if cfg.optimizer_type == "AdamW":
+        return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, **kwargs)
+    if cfg.optimizer_type == "AdamW8bit":
+        if getattr(device, "type", str(device)) != "cuda":
+            raise ConfigError("optimizer_type", "AdamW8bit needs a CUDA GPU (bitsandbytes has no CPU path); use AdamW here")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optimizer_type", "AdamW8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(param_groups, weight_decay=cfg.weight_decay, **kwargs)
+    if cfg.optimizer_type == "Prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(param_groups, weight_decay=cfg.weight_decay, **kwargs)
+    raise ConfigError("optimizer_type", f"unknown optimizer {cfg.optimizer_type!r}")
