@@ -22,6 +22,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .errors import DatasetError
+
 
 @dataclass(frozen=True)
 class BucketConfig:
@@ -41,38 +43,38 @@ class BucketConfig:
         res = self.resolution
         if isinstance(res, (list, tuple)):
             if len(res) != 2:
-                raise ValueError(f"resolution must be one number or (width, height), got {res!r}")
+                raise DatasetError(f"resolution must be one number or (width, height), got {res!r}")
             res = (int(res[0]), int(res[1]))
         else:
             res = (int(res), int(res))
         object.__setattr__(self, "resolution", res if res[0] != res[1] else res[0])
         w, h = res
         if w <= 0 or h <= 0 or w % 8 or h % 8:
-            raise ValueError(f"resolution {self.resolution!r} must be positive multiples of 8 (the VAE scale)")
+            raise DatasetError(f"resolution {self.resolution!r} must be positive multiples of 8 (the VAE scale)")
         steps = self.bucket_reso_steps
         if steps <= 0 or steps % 8:
-            raise ValueError(f"bucket_reso_steps must be a positive multiple of 8, got {steps}")
+            raise DatasetError(f"bucket_reso_steps must be a positive multiple of 8, got {steps}")
         if not self.enable_bucket:
             return
         for name in ("min_bucket_reso", "max_bucket_reso"):
             value = getattr(self, name)
             if value <= 0 or value % steps:
-                raise ValueError(f"{name} ({value}) must be a positive multiple of bucket_reso_steps ({steps})")
+                raise DatasetError(f"{name} ({value}) must be a positive multiple of bucket_reso_steps ({steps})")
         if self.min_bucket_reso > self.max_bucket_reso:
-            raise ValueError(
+            raise DatasetError(
                 f"min_bucket_reso ({self.min_bucket_reso}) is larger than max_bucket_reso ({self.max_bucket_reso})"
             )
         if not self.bucket_no_upscale:
             if self.min_bucket_reso > min(w, h):
-                raise ValueError(
+                raise DatasetError(
                     f"min_bucket_reso ({self.min_bucket_reso}) must not exceed the resolution ({min(w, h)})"
                 )
             if self.max_bucket_reso < max(w, h):
-                raise ValueError(
+                raise DatasetError(
                     f"max_bucket_reso ({self.max_bucket_reso}) must be at least the resolution ({max(w, h)})"
                 )
         if self.square_side < steps:
-            raise ValueError(f"resolution {self.resolution!r} is smaller than bucket_reso_steps ({steps})")
+            raise DatasetError(f"resolution {self.resolution!r} is smaller than bucket_reso_steps ({steps})")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -145,7 +147,7 @@ class Bucketer:
     def assign(self, width: int, height: int) -> BucketAssignment:
         """The bucket and resize size for an image of ``width`` x ``height`` pixels."""
         if width <= 0 or height <= 0:
-            raise ValueError(f"image size must be positive, got {width}x{height}")
+            raise DatasetError(f"image size must be positive, got {width}x{height}")
         cfg = self.config
         if not cfg.enable_bucket:
             bucket = cfg.size

@@ -26,6 +26,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import DatasetError
+
 _ALLOWED_FIELDS = frozenset({"caption", "trigger"})
 _SPACES = re.compile(r"[ \t\r\n]+")
 _EMPTY_SEGMENTS = re.compile(r"\s*,(\s*,)+\s*")
@@ -94,37 +96,37 @@ class CaptionConfig:
         unknown = sorted(fields - _ALLOWED_FIELDS)
         if unknown:
             names = ", ".join("{" + f + "}" for f in unknown)
-            raise ValueError(
+            raise DatasetError(
                 f"caption template {self.template!r} uses {names}; only {{caption}} and {{trigger}} are "
                 "available (write {{ and }} for literal braces)"
             )
         if "trigger" in fields and not self.trigger:
-            raise ValueError(
+            raise DatasetError(
                 f"caption template {self.template!r} uses {{trigger}} but no trigger word is set: set `trigger`"
                 " or remove {trigger} from the template"
             )
         if "caption" not in fields and not self.template.strip():
-            raise ValueError("caption template is empty: use '{caption}' to train on the caption files")
+            raise DatasetError("caption template is empty: use '{caption}' to train on the caption files")
         if not self.separator:
-            raise ValueError("caption separator must not be empty")
+            raise DatasetError("caption separator must not be empty")
         if isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, int) or self.keep_tokens < 0:
-            raise ValueError(f"keep_tokens must be an integer >= 0, got {self.keep_tokens!r}")
+            raise DatasetError(f"keep_tokens must be an integer >= 0, got {self.keep_tokens!r}")
         for name in ("caption_dropout_rate", "tag_dropout_rate"):
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
+                raise DatasetError(f"{name} must be between 0 and 1, got {value!r}")
 
     def _template_fields(self) -> set[str]:
         try:
             parsed = list(string.Formatter().parse(self.template))
         except ValueError as e:
-            raise ValueError(f"caption template {self.template!r} is malformed ({e}); write {{{{ and }}}} for literal braces") from e
+            raise DatasetError(f"caption template {self.template!r} is malformed ({e}); write {{{{ and }}}} for literal braces") from e
         fields: set[str] = set()
         for _literal, field, spec, conversion in parsed:
             if field is None:
                 continue
             if field == "" or spec or conversion:
-                raise ValueError(
+                raise DatasetError(
                     f"caption template {self.template!r}: use plain {{caption}} / {{trigger}} placeholders"
                 )
             fields.add(field)
@@ -156,7 +158,7 @@ class CaptionConfig:
     def possible_captions(self, caption: str | None) -> list[str]:
         """Every caption :meth:`render` can give when :attr:`varies` is false (for caching encodings)."""
         if self.varies:
-            raise ValueError("captions vary every step when shuffle_tags or tag_dropout_rate is set")
+            raise DatasetError("captions vary every step when shuffle_tags or tag_dropout_rate is set")
         out = [self.base_caption(caption)]
         if self.caption_dropout_rate > 0 and out[0] != "":
             out.append("")
