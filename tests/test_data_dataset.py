@@ -78,6 +78,10 @@ def test_scan_summary_and_report(folder):
     assert summary["images"] == 5 and summary["images_with_repeats"] == 11
     assert summary["buckets"]["64x64"] == 4
     assert summary["skipped"][0]["reason"] and "sks" in summary["example_captions"]
+    unused = scan.summary(SMALL, CaptionConfig(template="art by {trigger}", trigger="sks"))
+    assert any("2 caption file(s) are not used" in w for w in unused["warnings"])
+    empty = scan.summary(SMALL, CaptionConfig())
+    assert any("3 image(s) have no caption file" in w for w in empty["warnings"])
     report = scan.report(SMALL)
     assert "5 image(s)" in report and "e.png" in report and "64x64: 4" in report
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from sdlora.data import (
     DatasetError,
@@ -206,6 +207,43 @@ def test_grey_bilevel_webp_bmp_tiff_colours(corpus):
     assert load_image(folder / "bilevel.png").getpixel((3, 3)) == WHITE
     for name in ("lossless.webp", "plain.bmp", "plain.tiff"):
         assert load_image(folder / name).getpixel((40, 40)) == (10, 200, 30), name
+
+
+def _matrix_icc_profile(gamma: float, name: str) -> bytes:
+    """A minimal ICC v2 RGB display profile: sRGB's D50 primaries with a pure power-law curve."""
+
+    def s15(x: float) -> bytes:
+        return struct.pack(">i", round(x * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
+
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    text = name.encode() + b"\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
+            (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)), (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        body += bytes(-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+              + bytes(12) + b"acsp" + bytes(28) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48))
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_embedded_colour_profile_is_converted_to_srgb(tmp_path):
+    linear = _matrix_icc_profile(1.0, "Linear sRGB primaries")
+    Image.new("RGB", (80, 80), (128, 128, 128)).save(tmp_path / "linear.png", icc_profile=linear)
+    # Linear 0.5 is 188 in sRGB's encoding (1.055 * 0.5 ** (1 / 2.4) - 0.055 = 0.735).
+    assert close(load_image(tmp_path / "linear.png").getpixel((5, 5)), (188, 188, 188), 2)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.new("RGB", (80, 80), (128, 60, 200)).save(tmp_path / "srgb.png", icc_profile=srgb)
+    assert load_image(tmp_path / "srgb.png").getpixel((5, 5)) == (128, 60, 200)  # untouched
 
 
 def test_reduced_jpeg_decode_keeps_the_picture(tmp_path):

@@ -124,7 +124,7 @@ def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
 
 
 def _decode(im: Image.Image, min_decode_size: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int]]:
-    if getattr(im, "n_frames", 1) > 1:
+    if getattr(im, "is_animated", False):
         im.seek(0)
     orientation = _orientation(im)
     full_size = _oriented_size(im.size, orientation)
@@ -193,15 +193,33 @@ def _srgb_profile() -> ImageCms.ImageCmsProfile:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
+@functools.lru_cache(maxsize=1)
+def _probe_image() -> Image.Image:
+    """Every combination of 0, 51, ..., 255 per channel: enough to tell a transform from identity."""
+    levels = range(0, 256, 51)
+    colours = [(r, g, b) for r in levels for g in levels for b in levels]
+    probe = Image.new("RGB", (len(colours), 1))
+    probe.putdata(colours)
+    return probe
+
+
 @functools.lru_cache(maxsize=32)
 def _transform_for(icc: bytes, in_mode: str, out_mode: str) -> ImageCms.ImageCmsTransform | None:
-    """A cached LittleCMS transform from an embedded profile to sRGB, or None for sRGB / unusable ones."""
+    """A cached LittleCMS transform from an embedded profile to sRGB.
+
+    None when the profile cannot be used, or when it is sRGB in all but name (it maps a grid of
+    test colours to themselves within 1 level), so sRGB images keep their exact values.
+    """
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        description = (ImageCms.getProfileDescription(profile) or "").lower()
-        if "srgb" in description:
-            return None
-        return ImageCms.buildTransform(profile, _srgb_profile(), in_mode, out_mode)
+        transform = ImageCms.buildTransform(profile, _srgb_profile(), in_mode, out_mode)
+        if in_mode in ("RGB", "RGBA"):
+            probe = _probe_image() if in_mode == "RGB" else _probe_image().convert("RGBA")
+            mapped = ImageCms.applyTransform(probe, transform)
+            diff = np.abs(np.asarray(mapped, dtype=np.int16)[..., :3] - np.asarray(probe, dtype=np.int16)[..., :3])
+            if int(diff.max()) <= 1:
+                return None
+        return transform
     except Exception:  # noqa: BLE001 - a broken or mismatched profile: keep the raw values
         return None
 

@@ -114,6 +114,11 @@ class DatasetScan:
         }
         if captions is not None:
             out["example_captions"] = [captions.base_caption(i.caption) for i in self.items[:5]]
+            if not captions.uses_caption and out["captioned"]:
+                out["warnings"].append(
+                    f"the caption template {captions.template!r} has no {{caption}}: the {out['captioned']} "
+                    "caption file(s) are not used"
+                )
             if not captions.trigger and captions.uses_caption and out["uncaptioned"]:
                 out["warnings"].append(
                     f"{out['uncaptioned']} image(s) have no caption file and no trigger word is set: "
