@@ -1,0 +1,109 @@
+"""State the app shares between sessions: folders, the base-model list, locks and the loaded previewer."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..paths import inside, safe_name
+from .errors import UIError
+from .server import ServerOptions
+
+DEMO_SPEC = "demo"
+
+
+@dataclass
+class BaseChoice:
+    """One entry of the base-model dropdown."""
+
+    label: str
+    value: str
+    resolution: int | None
+
+
+class AppContext:
+    """Per-process state of the app.
+
+    Everything durable lives in run directories; this object only holds locks (one training start
+    at a time, one preview generation at a time) and the previewer, which keeps one base model
+    loaded so that moving the LoRA-scale slider does not reload anything.
+    """
+
+    def __init__(self, opts: ServerOptions):
+        self.opts = opts
+        self.runs_dir = Path(opts.runs_dir)
+        self.models_dir = Path(opts.models_dir)
+        self.train_lock = threading.Lock()
+        self.preview_lock = threading.Lock()
+        self._previewer: Any = None
+        self._previewer_base: str | None = None
+
+    # ---- base models ------------------------------------------------------------------------
+    def base_models(self) -> list[BaseChoice]:
+        """The bundled demo model (when present) and the usable models of the models folder."""
+        from ..models.loading import DEFAULT_BASE, list_base_models
+
+        out: list[BaseChoice] = []
+        for entry in list_base_models(DEFAULT_BASE.parent):
+            if Path(entry["path"]).resolve() == DEFAULT_BASE.resolve() and entry["usable"]:
+                out.append(BaseChoice(f"Demo model (bundled, {entry['resolution']}px)", DEMO_SPEC, entry["resolution"]))
+        for entry in list_base_models(self.models_dir):
+            if entry["usable"]:
+                out.append(BaseChoice(entry["label"], str(Path(entry["path"]).resolve()), entry["resolution"]))
+        return out
+
+    def base_dropdown(self) -> tuple[list[tuple[str, str]], str | None]:
+        """(choices, preselected value): the bundled demo model first, else the first model found."""
+        models = self.base_models()
+        choices = [(m.label, m.value) for m in models]
+        return choices, (models[0].value if models else None)
+
+    def base_resolution(self, spec: str | None) -> int | None:
+        for m in self.base_models():
+            if m.value == spec:
+                return m.resolution
+        return None
+
+    def check_base(self, spec: str | None) -> str:
+        """A base-model value from the page, accepted only when it is one the app lists.
+
+        The page may not name arbitrary paths on the server: only the bundled model and what is in
+        the models folder can be loaded.
+        """
+        if not spec:
+            raise UIError("Choose a base model. Put model folders or .safetensors files into "
+                          f"{self.models_dir} and reload the page to see them.", title="Base model")
+        for m in self.base_models():
+            if m.value == spec:
+                return spec
+        raise UIError(f"{spec!r} is not one of the listed base models; pick one from the list.", title="Base model")
+
+    # ---- runs -----------------------------------------------------------------------------------
+    def run_path(self, name: str | None) -> Path:
+        """The run directory ``<runs>/<name>`` for a run name from the page (never outside ``runs``)."""
+        clean = safe_name((name or "").strip(), default="")
+        path = self.runs_dir / clean
+        if not clean or clean != (name or "").strip() or not inside(self.runs_dir, path) or path == self.runs_dir:
+            raise UIError(f"{name!r} is not a run name; pick a run from the list.", title="Run")
+        return path
+
+    def existing_run(self, name: str | None):
+        from ..train.runs import RunDir
+
+        run = RunDir(self.run_path(name))
+        if not run.exists():
+            raise UIError(f"There is no run named {name!r} in {self.runs_dir}.", title="Run")
+        return run
+
+    # ---- preview ---------------------------------------------------------------------------------
+    def previewer(self, base: str):
+        """The previewer of ``base``, loaded once and kept; a different base replaces it."""
+        from ..generate import Previewer
+
+        if self._previewer is None or self._previewer_base != base:
+            self._previewer = None  # free the old model before loading the next one
+            self._previewer = Previewer(base)
+            self._previewer_base = base
+        return self._previewer

@@ -1,0 +1,119 @@
+"""Turning failures into messages a person can act on.
+
+Every event handler of the app is wrapped by :func:`guarded`: a known problem (bad setting, bad
+file, unusable dataset, a model or LoRA that does not load) becomes a ``gr.Error`` whose text names
+the file or option and what to do; anything else becomes a short "unexpected error" message while
+the traceback goes to the server log. The page never shows a traceback and the app keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+from typing import Any, Callable, TypeVar
+
+import gradio as gr
+
+log = logging.getLogger("sdlora.ui")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UIError(Exception):
+    """A problem with what the user did in the page; shown as it is (plain text)."""
+
+    def __init__(self, message: str, title: str = "Error"):
+        self.title = title
+        super().__init__(message)
+
+
+def esc(text: Any) -> str:
+    """HTML-escape text for gradio's message boxes and HTML components (they render HTML)."""
+    return html.escape(str(text), quote=False)
+
+
+def _known_errors() -> tuple[tuple[type[BaseException], str], ...]:
+    """Library exception types and the title of their message box; modules not present are skipped."""
+    out: list[tuple[type[BaseException], str]] = [(UIError, "Error")]
+    from ..train.config import ConfigError
+
+    out.append((ConfigError, "Invalid setting"))
+    for mod, name, title in (("sdlora.data.errors", "DatasetError", "Dataset problem"),
+                             ("sdlora.lora.formats", "LoraFormatError", "LoRA file problem"),
+                             ("sdlora.models.loading", "ModelLoadError", "Base model problem"),
+                             ("sdlora.train.loop", "TrainingError", "Training problem")):
+        try:
+            module = __import__(mod, fromlist=[name])
+            out.append((getattr(module, name), title))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
+
+
+def message_for(exc: BaseException) -> tuple[str, str]:
+    """(title, plain-text message) for an exception raised by a handler."""
+    from ..train.config import ConfigError
+
+    for typ, title in _known_errors():
+        if isinstance(exc, typ):
+            if isinstance(exc, ConfigError):
+                return title, f"Setting '{exc.key}': {str(exc).split(': ', 1)[-1]}"
+            if isinstance(exc, UIError):
+                return exc.title, str(exc)
+            return title, str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "File not found", f"{exc.filename or exc}: the file or folder does not exist (any more)."
+    if isinstance(exc, PermissionError):
+        return "Permission denied", f"{exc.filename or exc}: the app may not read or write it."
+    if isinstance(exc, MemoryError):
+        return "Out of memory", "The machine ran out of memory; use a smaller size or fewer steps."
+    return "Unexpected error", (f"{type(exc).__name__}: {exc}. The app is still running; details are in the "
+                                "server log.")
+
+
+def to_gr_error(exc: BaseException) -> gr.Error:
+    title, text = message_for(exc)
+    return gr.Error(esc(text), title=title, print_exception=False)
+
+
+def guarded(fn: F) -> F:
+    """Wrap an event handler so that any failure reaches the page as a readable ``gr.Error``.
+
+    The wrapper keeps ``fn``'s signature (gradio reads it for API parameter names). Generators are
+    wrapped too.
+    """
+    import inspect
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args: Any, **kwargs: Any):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - every failure becomes a message in the page
+                _log(fn, e)
+                raise to_gr_error(e) from None
+
+        return gen_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes a message in the page
+            _log(fn, e)
+            raise to_gr_error(e) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _log(fn: Callable, exc: BaseException) -> None:
+    title, _ = message_for(exc)
+    if title == "Unexpected error":
+        log.exception("handler %s failed", getattr(fn, "__name__", fn))
+    else:
+        log.info("handler %s: %s", getattr(fn, "__name__", fn), exc)

@@ -1,0 +1,182 @@
+"""The training form, generated from :meth:`TrainConfig.field_info`.
+
+Main options are shown directly; all other options with ``ui=True`` go into the "Advanced"
+accordion, grouped by section. Options that name server paths (base model, data and output
+folders) are not free-text fields: the page picks them from lists the app controls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ..train.config import ConfigError, TrainConfig
+
+#: Options the page sets itself (from lists and the dataset tab), never typed in as text.
+PAGE_SET = ("pretrained_model_name_or_path", "output_name", "output_dir", "train_data_dir", "class_data_dir",
+            "trigger_word")
+
+#: Friendlier labels for the main options; every field also shows its kohya name and help text.
+LABELS = {
+    "max_train_steps": "Steps",
+    "network_dim": "Rank (network_dim)",
+    "conv_dim": "Conv rank (conv_dim)",
+    "learning_rate": "Learning rate (UNet)",
+    "text_encoder_lr": "Text encoder learning rate",
+    "resolution": "Resolution",
+    "train_batch_size": "Batch size",
+    "train_text_encoder": "Train text encoder",
+    "class_prompt": "Class prompt",
+    "with_prior_preservation": "Prior preservation",
+    "network_preset": "Layers (network_preset)",
+}
+
+SECTION_TITLES = {
+    "run": "Run", "data": "Data and captions", "dreambooth": "Prior preservation (DreamBooth)",
+    "network": "Network", "optimizer": "Optimizer and schedule", "loss": "Loss", "saving": "Checkpoints and saving",
+    "samples": "Samples during training", "model": "Model",
+}
+
+#: Presets: a shipped config file whose training options are applied (paths, names and the
+#: resolution, which follows the base model, are left alone).
+PRESETS = {
+    "style": "style_sd15.toml",
+    "subject": "dreambooth_sd15.toml",
+}
+PRESET_CHOICES = [("Style", "style"), ("Subject with prior preservation", "subject"), ("Custom", "custom")]
+_PRESET_KEEP = set(PAGE_SET) | {"resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "seed"}
+
+
+def form_fields() -> list[dict[str, Any]]:
+    """The fields the form shows, in dataclass order."""
+    return [f for f in TrainConfig.field_info() if f.get("ui", True) and f["name"] not in PAGE_SET]
+
+
+def main_fields() -> list[dict[str, Any]]:
+    return [f for f in form_fields() if f["group"] == "main"]
+
+
+def advanced_fields() -> list[dict[str, Any]]:
+    return [f for f in form_fields() if f["group"] != "main"]
+
+
+def _label(info: dict[str, Any]) -> str:
+    return LABELS.get(info["name"], info["name"])
+
+
+def display_value(info: dict[str, Any], value: Any) -> Any:
+    """A config value as the form component shows it."""
+    if info["type"] == "list":
+        return "\n".join(str(v) for v in value or [])
+    if info["type"] == "dict":
+        return json.dumps(value or {})
+    return value
+
+
+def make_component(info: dict[str, Any]) -> gr.components.Component:
+    """A form component for one field: checkbox, dropdown, number or text, with the help as info."""
+    name, typ, default = info["name"], info["type"], info["default"]
+    common = dict(label=_label(info), info=info["help"], elem_id=f"cfg-{name}", key=f"cfg-{name}")
+    if typ == "bool":
+        return gr.Checkbox(value=bool(default), **common)
+    if info.get("choices"):
+        choices = [(c if c else "(none)", c) for c in info["choices"]]
+        return gr.Dropdown(choices=choices, value=default, **common)
+    if typ in ("int", "float"):
+        lo = info.get("min")
+        hi = info.get("max")
+        kw: dict[str, Any] = {}
+        if lo is not None and not info.get("min_exclusive"):
+            kw["minimum"] = lo
+        if hi is not None:
+            kw["maximum"] = hi
+        if typ == "int":
+            return gr.Number(value=default, precision=0, step=1, **kw, **common)
+        return gr.Number(value=default, step=_float_step(default), **kw, **common)
+    if typ == "list":
+        return gr.Textbox(value=display_value(info, default), lines=2, max_lines=8,
+                          placeholder="one a line", **common)
+    return gr.Textbox(value=display_value(info, default), **common)
+
+
+def _float_step(default: float) -> float:
+    if not default:
+        return 0.01
+    return 10 ** math.floor(math.log10(abs(default)))
+
+
+def parse_value(info: dict[str, Any], value: Any) -> Any:
+    """A form component's value as the config expects it; a value that makes no sense is a ConfigError."""
+    name, typ = info["name"], info["type"]
+    if typ == "bool":
+        return bool(value)
+    if typ in ("int", "float"):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ConfigError(name, "is empty; enter a number")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(name, f"{value!r} is not a number") from None
+        if typ == "int":
+            if not math.isfinite(number) or number != int(number):
+                raise ConfigError(name, f"{value!r} is not a whole number")
+            return int(number)
+        return number
+    if typ == "list":
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if typ == "dict":
+        if isinstance(value, dict):
+            return value
+        try:
+            parsed = json.loads(value or "{}")
+        except json.JSONDecodeError:
+            raise ConfigError(name, "is not a JSON object") from None
+        if not isinstance(parsed, dict):
+            raise ConfigError(name, "is not a JSON object")
+        return parsed
+    return "" if value is None else str(value)
+
+
+def settings_from_form(values: dict[str, Any]) -> dict[str, Any]:
+    """Config options from the form's values (only the fields the form shows)."""
+    fields = {f["name"]: f for f in form_fields()}
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(name, "is not an option of the form")
+        out[name] = parse_value(fields[name], value)
+    return out
+
+
+def configs_dir() -> Path:
+    return Path(__file__).resolve().parent.parent.parent / "configs"
+
+
+def preset_values(preset: str) -> dict[str, Any]:
+    """Form values of a preset (every shown field: the preset's value where it sets one, else the default)."""
+    if preset not in PRESETS:
+        return {}
+    path = configs_dir() / PRESETS[preset]
+    if not path.is_file():
+        return {}
+    cfg = TrainConfig.from_toml(path, validate=False).to_dict()
+    defaults = TrainConfig().to_dict()
+    out: dict[str, Any] = {}
+    for info in form_fields():
+        name = info["name"]
+        if name in _PRESET_KEEP:
+            continue
+        out[name] = display_value(info, cfg.get(name, defaults[name]))
+    return out
+
+
+def available_presets() -> list[tuple[str, str]]:
+    """Preset choices whose config file ships with the project, plus "custom"."""
+    return [(label, value) for label, value in PRESET_CHOICES
+            if value == "custom" or (configs_dir() / PRESETS[value]).is_file()]
