@@ -353,6 +353,28 @@ def test_real_layout_without_stored_configs_uses_shipped_configs(tiny_pipe, tmp_
         load_base(bare)
 
 
+def test_file_without_stored_configs_loads_from_config_folder(tiny_pipe, tiny_model_dir, tmp_path, monkeypatch):
+    """The path real files take (no configs in the file: family from the keys, configs from a
+    folder) end to end, with the tiny model's config folder standing in for the shipped SD 1.x one
+    so that no multi-gigabyte file is needed."""
+    import sdlora.models.single_file as single_file
+
+    path = save_single_file(tiny_pipe, tmp_path / "with.safetensors")
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(path)), str(bare))
+    asked = []
+
+    def config_dir(family, prediction_type):
+        asked.append((family, prediction_type))
+        return Path(tiny_model_dir)
+
+    monkeypatch.setattr(single_file, "shipped_config_dir", config_dir)
+    base = load_base(bare)
+    assert asked == [("sd1", "epsilon")]
+    assert "stored in the file" not in base.notes
+    _assert_same_outputs(tiny_pipe, base.pipe)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
         load_base(tmp_path / "nope.safetensors")
