@@ -161,7 +161,9 @@ class CachedDataset(Dataset):
         keep_in_memory: with ``cache_dir``, also keep loaded entries in memory.
 
     Entries missing when a sample is requested are encoded then; :meth:`prepare` encodes all of
-    them up front in batches, so the encoders can be moved off the accelerator afterwards.
+    them up front in batches, so the encoders can be moved off the accelerator afterwards. Call it
+    before handing the dataset to a ``DataLoader`` with workers, so that workers only read the cache
+    and never run the encoders themselves.
     """
 
     def __init__(
