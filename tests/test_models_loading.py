@@ -45,6 +45,22 @@ def test_tiny_and_prediction_override():
         load_base("tiny", prediction_type="sample")
 
 
+def test_hub_id_from_local_cache(tiny_model_dir, tmp_path, monkeypatch):
+    """A hub id resolves through the HF cache layout (refs/main -> snapshots/<commit>/) offline."""
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--someone--tiny-sd"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = load_base("someone/tiny-sd")
+    assert (base.source, base.family, base.resolution) == ("someone/tiny-sd", "sd1", 32)
+    ref = load_base(tiny_model_dir)
+    assert all(torch.equal(a, b) for a, b in zip(ref.unet.state_dict().values(), base.unet.state_dict().values()))
+
+
 def test_hub_id_not_cached_offline(tmp_path, monkeypatch):
     cache = tmp_path / "hf-cache"
     cache.mkdir()

@@ -227,7 +227,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[StableDiffusionPipel
         pipe = StableDiffusionPipeline.from_pretrained(
             str(folder),
             local_files_only=True,
-            torch_dtype=dtype,
+            dtype=dtype,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -278,7 +278,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> StableDiffusionPipeline:
                 repo_id,
                 cache_dir=str(cache),
                 local_files_only=local_only,
-                torch_dtype=dtype,
+                dtype=dtype,
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,

@@ -119,7 +119,11 @@ class _IgnoredPickleGlobal:
 
 
 class _Checkpoint:
-    """A single checkpoint file opened for inspection; weights are read only when asked for."""
+    """A single checkpoint file opened for inspection.
+
+    For ``.safetensors`` only the header is read until weights are asked for; a ``.ckpt`` is
+    unpickled at once (memory-mapped when it is in PyTorch's zip format).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -570,7 +574,7 @@ def load_single_file(
         else:
             config_dir = shipped_config_dir(info.family, info.prediction_type)
             scheduler_cfg = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text("utf-8"))
-        common = dict(config=str(config_dir), local_files_only=True, torch_dtype=dtype)
+        common = dict(config=str(config_dir), local_files_only=True, dtype=dtype)
         try:
             unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
             vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
