@@ -1,0 +1,230 @@
+"""``inspect_file``: what a LoRA file holds, without loading a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from . import diffusers_format, kohya
+from .io import read_safetensors, resolve_lora_path
+
+_NETWORK_MODULES = {
+    "networks.lora": "LoRA",
+    "networks.dylora": "DyLoRA",
+    "networks.lora_fa": "LoRA-FA",
+    "networks.oft": "OFT",
+    "lycoris.kohya": "LyCORIS",
+}
+
+
+def detect_format(keys: list[str]) -> str:
+    """"kohya" (``lora_unet_``/``lora_te*_`` names), "diffusers" (PEFT/diffusers names) or "unknown"."""
+    if any(kohya.is_kohya_key(k) for k in keys):
+        return "kohya"
+    if any(diffusers_format.is_diffusers_key(k) for k in keys):
+        return "diffusers"
+    return "unknown"
+
+
+def _kohya_component(name: str) -> str | None:
+    if name.startswith("lora_unet_"):
+        return "unet"
+    if name.startswith("lora_te2_"):
+        return "text_encoder_2"
+    if name.startswith(("lora_te_", "lora_te1_")):
+        return "text_encoder"
+    return None
+
+
+def _block_of(component: str, path: str) -> str:
+    """A coarse block label: ``unet.down_blocks.0``, ``unet.input_blocks.4``, ``text_encoder.layers.3``."""
+    flat = path.replace(".", "_")
+    if component == "unet":
+        for pattern in (r"(down_blocks|up_blocks|input_blocks|output_blocks)_(\d+)", r"(mid_block|middle_block)"):
+            match = re.search(pattern, flat)
+            if match:
+                return "unet." + ".".join(g for g in match.groups() if g is not None)
+        return "unet.other"
+    match = re.search(r"layers_(\d+)", flat)
+    return f"{component}.layers.{match.group(1)}" if match else f"{component}.other"
+
+
+def guess_family(entries: Mapping[str, Mapping[str, Any]], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """("sd1" | "sd2" | "sdxl" | "unknown", reason) from module names, shapes and metadata."""
+    components = {e["component"] for e in entries.values()}
+    if "text_encoder_2" in components:
+        return "sdxl", "it has a second text encoder (lora_te2_ / text_encoder_2)"
+    cross = Counter()
+    te_width = Counter()
+    for name, entry in entries.items():
+        down = entry.get("down_shape")
+        if not down or len(down) < 2:
+            continue
+        flat = name.replace(".", "_")
+        if entry["component"] == "unet" and re.search(r"attn2_to_[kv]$", flat):
+            cross[down[1]] += 1
+        if entry["component"] == "text_encoder" and flat.endswith("q_proj"):
+            te_width[down[1]] += 1
+    widths = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+    if cross:
+        dim = cross.most_common(1)[0][0]
+        if dim in widths:
+            return widths[dim], f"UNet cross-attention input width is {dim}"
+    if te_width:
+        dim = te_width.most_common(1)[0][0]
+        if dim in (768, 1024):
+            return widths[dim], f"text-encoder width is {dim}"
+    version = metadata.get("ss_base_model_version", "")
+    arch = metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or "-xl-" in arch:
+        return "sdxl", f"metadata says {version or arch}"
+    if version.startswith("sd_v2") or "-v2-" in arch:
+        return "sd2", f"metadata says {version or arch}"
+    if version.startswith("sd_v1") or "-v1" in arch:
+        return "sd1", f"metadata says {version or arch}"
+    return "unknown", "no UNet cross-attention or text-encoder layer to measure"
+
+
+def file_entries(tensors: Mapping[str, torch.Tensor], fmt: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Per-module summary {name: component, block, down/up shapes, rank, alpha, kind, suffixes}.
+
+    Returns the entries and the keys that belong to no recognised module.
+    """
+    entries: dict[str, dict[str, Any]] = {}
+    stray: list[str] = []
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if fmt == "kohya":
+            name, suffix = kohya.split_key(key)
+            component = _kohya_component(name)
+            role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale"}.get(suffix, suffix)
+            path = name
+        else:
+            split = diffusers_format.split_key(key)
+            if split is None or split[0] is None:
+                stray.append(key)
+                continue
+            component, path, role = split
+            name = f"{component}.{path}"
+        if component is None:
+            stray.append(key)
+            continue
+        entry = entries.setdefault(name, {"component": component, "block": _block_of(component, path), "suffixes": []})
+        entry["suffixes"].append(role)
+        if role == "down":
+            entry["down_shape"] = list(tensor.shape)
+            entry["rank"] = int(tensor.shape[0])
+            entry["kind"] = "conv2d" if tensor.ndim == 4 else "linear"
+            entry["kernel"] = list(tensor.shape[2:]) if tensor.ndim == 4 else None
+            entry["dtype"] = str(tensor.dtype).replace("torch.", "")
+        elif role == "up":
+            entry["up_shape"] = list(tensor.shape)
+        elif role == "alpha":
+            entry["alpha"] = float(tensor.float().item()) if tensor.numel() == 1 else None
+        elif kohya.other_method(role) and tensor.ndim >= 2:
+            entry.setdefault("kind", "conv2d" if tensor.ndim == 4 else "linear")
+    return entries, stray
+
+
+def _network_type(entries: Mapping[str, Mapping[str, Any]], metadata: Mapping[str, str]) -> str:
+    suffixes = {s for e in entries.values() for s in e["suffixes"]}
+    for suffix in sorted(suffixes):
+        label = kohya.other_method(suffix)
+        if label:
+            return label
+    module = metadata.get("ss_network_module", "")
+    args = kohya.parse_network_args(metadata)
+    if module == "lycoris.kohya" and args.get("algo"):
+        return {"lora": "LoCon", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dylora": "DyLoRA"}.get(
+            str(args["algo"]).lower(), f"LyCORIS {args['algo']}"
+        )
+    if "dora_scale" in suffixes or str(args.get("dora_wd", "")).lower() == "true":
+        return "DoRA"
+    has_conv3 = any(e.get("kind") == "conv2d" and e.get("kernel") not in (None, [1, 1]) for e in entries.values())
+    base = _NETWORK_MODULES.get(module, "LoRA")
+    if base == "LoRA" and has_conv3:
+        return "LoCon (LoRA with Conv2d 3x3)"
+    return base
+
+
+def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A summary of a LoRA file for ``sdlora inspect``; raises ``LoraFileError`` for unreadable files.
+
+    Keys: ``path``, ``file_size``, ``format``, ``method`` (sdlora method name, or the file's network
+    type in lower case), ``network_type``, ``network_module``, ``network_args``, ``base_family``,
+    ``base_family_reason``, ``modules`` (per component), ``layers`` (linear / conv2d /
+    conv2d_3x3 counts), ``rank``/``alpha`` (most common) and ``ranks``/``alphas`` (all values),
+    ``blocks`` (per block: modules, ranks, alphas), ``dtypes``, ``num_tensors``, ``stray_keys``
+    (keys of no LoRA module) and ``metadata`` (all header entries, JSON ones decoded).
+    """
+    file = resolve_lora_path(path)
+    tensors, metadata = read_safetensors(file)
+    fmt = detect_format(list(tensors))
+    entries, stray = file_entries(tensors, fmt) if fmt != "unknown" else ({}, sorted(tensors))
+    if fmt == "diffusers":
+        for component in ("unet", "text_encoder"):
+            ranks = {n.split(".", 1)[1]: e["rank"] for n, e in entries.items() if e["component"] == component and "rank" in e}
+            for sub, alpha in diffusers_format.alphas_from_metadata(metadata, component, ranks).items():  # type: ignore[arg-type]
+                entries[f"{component}.{sub}"].setdefault("alpha", alpha)
+    for entry in entries.values():
+        if "rank" in entry and entry.get("alpha") is None:
+            entry["alpha"] = float(entry["rank"])
+
+    family, reason = guess_family(entries, metadata)
+    blocks: dict[str, dict[str, Any]] = defaultdict(lambda: {"modules": 0, "ranks": set(), "alphas": set()})
+    for entry in entries.values():
+        block = blocks[entry["block"]]
+        block["modules"] += 1
+        if "rank" in entry:
+            block["ranks"].add(entry["rank"])
+            block["alphas"].add(entry["alpha"])
+    layers = Counter()
+    for entry in entries.values():
+        kind = entry.get("kind", "unknown")
+        layers[kind] += 1
+        if kind == "conv2d" and entry.get("kernel") not in (None, [1, 1]):
+            layers["conv2d_3x3"] += 1
+    ranks = [e["rank"] for e in entries.values() if "rank" in e]
+    alphas = [e["alpha"] for e in entries.values() if "alpha" in e]
+    network_type = _network_type(entries, metadata)
+    decoded: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if value[:1] in "{[":
+            try:
+                decoded[key] = json.loads(value)
+                continue
+            except json.JSONDecodeError:
+                pass
+        decoded[key] = value
+    method = metadata.get("sdlora_method") or re.sub(r"[^a-z0-9]+", "-", network_type.lower().split(" (")[0]).strip("-")
+    return {
+        "path": str(file),
+        "file_size": Path(file).stat().st_size,
+        "format": fmt,
+        "method": method,
+        "network_type": network_type,
+        "network_module": metadata.get("ss_network_module"),
+        "network_args": kohya.parse_network_args(metadata),
+        "base_family": family,
+        "base_family_reason": reason,
+        "modules": dict(Counter(e["component"] for e in entries.values())),
+        "layers": {"linear": layers.get("linear", 0), "conv2d": layers.get("conv2d", 0), "conv2d_3x3": layers.get("conv2d_3x3", 0)},
+        "rank": Counter(ranks).most_common(1)[0][0] if ranks else None,
+        "alpha": Counter(alphas).most_common(1)[0][0] if alphas else None,
+        "ranks": sorted(set(ranks)),
+        "alphas": sorted(set(alphas)),
+        "blocks": {
+            name: {"modules": b["modules"], "ranks": sorted(b["ranks"]), "alphas": sorted(b["alphas"])}
+            for name, b in sorted(blocks.items())
+        },
+        "dtypes": sorted({e["dtype"] for e in entries.values() if "dtype" in e}),
+        "num_tensors": len(tensors),
+        "stray_keys": stray,
+        "metadata": decoded,
+    }

@@ -1,0 +1,260 @@
+"""The kohya / A1111 LoRA layout (``lora_unet_…``, ``lora_te_text_model_…``) and its metadata.
+
+Layout (what A1111, Forge, ComfyUI and kohya's sd-scripts load for SD 1.x/2.x):
+
+* key ``<module>.lora_down.weight``, ``<module>.lora_up.weight``, ``<module>.alpha`` (0-dim),
+  ``<module>.dora_scale`` for DoRA;
+* ``<module>`` is ``lora_unet_`` + the diffusers UNet path with ``.`` -> ``_``, or
+  ``lora_te_text_model_`` + the CLIP text-model path (the ``text_model_`` part is required by
+  A1111 and kohya even though transformers 5 has no ``text_model`` level).
+
+Reading also accepts ``lora_te1_`` and names without ``text_model_`` for the text encoder, and
+original-layout (LDM) UNet names (``lora_unet_input_blocks_1_1_proj_in``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+from collections import Counter
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..targets import Component, iter_adaptable
+from ..weights import LoraWeights, ModuleLora
+from .ldm import ldm_paths
+
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_text_model_"
+_TE_READ_PREFIXES = ("lora_te_text_model_", "lora_te1_text_model_", "lora_te_", "lora_te1_")
+
+#: suffixes of a plain LoRA module's tensors
+PLAIN_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+_OTHER_METHODS: tuple[tuple[str, str], ...] = (
+    ("hada_", "LoHa"),
+    ("lokr_", "LoKr"),
+    ("oft_", "OFT"),
+    ("lora_mid.", "LoCon (Tucker)"),
+    ("diff", "full-weight diff"),
+    ("w_norm", "GLoRA"),
+    ("a1.", "GLoRA"),
+    ("a2.", "GLoRA"),
+    ("b1.", "GLoRA"),
+    ("b2.", "GLoRA"),
+)
+
+
+def other_method(suffix: str) -> str | None:
+    """The LyCORIS-style method a tensor suffix belongs to, if it is not part of plain LoRA."""
+    for prefix, label in _OTHER_METHODS:
+        if suffix.startswith(prefix):
+            return label
+    return None
+
+
+def module_name(component: Component, canonical: str) -> str:
+    """The kohya module name of a layer: ``lora_unet_…`` or ``lora_te_text_model_…``."""
+    prefix = UNET_PREFIX if component == "unet" else TE_PREFIX
+    return prefix + canonical.replace(".", "_")
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """("lora_unet_x", "lora_down.weight") for ``lora_unet_x.lora_down.weight``."""
+    name, _, suffix = key.partition(".")
+    return name, suffix
+
+
+def is_kohya_key(key: str) -> bool:
+    return key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))
+
+
+def to_state_dict(weights: LoraWeights, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors of the kohya file for ``weights`` (``alpha`` stays float32: 0.1 is not exact in fp16)."""
+    out: dict[str, torch.Tensor] = {}
+    for component, path, module in weights.items():
+        name = module_name(component, path)
+        out[f"{name}.lora_down.weight"] = module.down.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = module.up.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
+        if module.dora_scale is not None:
+            out[f"{name}.dora_scale"] = module.dora_scale.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def name_index(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, tuple[Component, str]]:
+    """Every kohya module name that can refer to a layer of these models -> (component, path)."""
+    index: dict[str, tuple[Component, str]] = {}
+    if unet is not None:
+        for _, canonical, _ in iter_adaptable(unet, "unet"):
+            index[module_name("unet", canonical)] = ("unet", canonical)
+        for canonical, ldm in ldm_paths(unet).items():
+            index.setdefault(UNET_PREFIX + ldm.replace(".", "_"), ("unet", canonical))
+    if text_encoder is not None:
+        for _, canonical, _ in iter_adaptable(text_encoder, "text_encoder"):
+            flat = canonical.replace(".", "_")
+            for prefix in _TE_READ_PREFIXES:
+                index.setdefault(prefix + flat, ("text_encoder", canonical))
+    return index
+
+
+# Metadata ---------------------------------------------------------------------------------------
+
+def _stringify(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _most_common(values: list[Any], default: Any) -> Any:
+    return Counter(values).most_common(1)[0][0] if values else default
+
+
+def _fmt_number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def derived_network_values(weights: LoraWeights) -> dict[str, Any]:
+    """kohya's network_dim/alpha (Linear and 1x1 layers) and conv_dim/conv_alpha (larger kernels)."""
+    def big_kernel(m: ModuleLora) -> bool:
+        return m.is_conv and tuple(m.down.shape[2:]) != (1, 1)
+
+    linear = [m for _, _, m in weights.items() if not big_kernel(m)]
+    conv = [m for _, _, m in weights.items() if big_kernel(m)]
+    unet_linear = [m for m in weights.unet.values() if not big_kernel(m)] or linear
+    dim = _most_common([m.rank for m in unet_linear], None)
+    alpha = _most_common([m.alpha for m in unet_linear if m.rank == dim], None)
+    out: dict[str, Any] = {"dim": dim, "alpha": alpha}
+    if conv:
+        conv_dim = _most_common([m.rank for m in conv], None)
+        out["conv_dim"] = conv_dim
+        out["conv_alpha"] = _most_common([m.alpha for m in conv if m.rank == conv_dim], None)
+    return out
+
+
+def _architecture(family: str, prediction_type: str) -> str:
+    if family == "sd2":
+        return "stable-diffusion-v2-768-v" if prediction_type == "v" else "stable-diffusion-v2-512"
+    return "stable-diffusion-v1"
+
+
+def _hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """kohya's ``sshs_model_hash`` (sha256 of the tensor data) and ``sshs_legacy_hash``.
+
+    Both are computed over the file as serialised with only the ``ss_*`` metadata, as kohya does,
+    so tools that index LoRAs by these hashes see the values they expect.
+    """
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header :]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000 : 0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def build_metadata(
+    weights: LoraWeights,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    family: str = "sd1",
+    prediction_type: str = "epsilon",
+    title: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """kohya ``ss_*`` and ``modelspec.*`` metadata: what can be derived, then the caller's values.
+
+    ``extra`` holds what only the caller knows (``ss_steps``, ``ss_num_train_images``,
+    ``ss_resolution``, ``ss_tag_frequency``, ``modelspec.title``, ...); values that are not strings
+    are written as kohya writes them (JSON for dicts/lists, ``True``/``False`` for booleans).
+    Caller values win over derived ones.
+    """
+    from ... import __version__
+
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"family must be 'sd1' or 'sd2' for a kohya SD file, got {family!r}")
+    pred = "v" if prediction_type in ("v", "v_prediction") else "epsilon"
+    info = weights.info
+    net = derived_network_values(weights)
+    network_args: dict[str, str] = {}
+    if "conv_dim" in net:
+        network_args["conv_dim"] = _fmt_number(net["conv_dim"])
+        network_args["conv_alpha"] = _fmt_number(net["conv_alpha"])
+    network_args.update({k: _stringify(v) for k, v in dict(info.get("network_args") or {}).items()})
+
+    meta: dict[str, Any] = {
+        "ss_network_module": info.get("network_module") or "networks.lora",
+        "ss_network_dim": net["dim"],
+        "ss_network_alpha": float(net["alpha"]) if net["alpha"] is not None else None,
+        "ss_base_model_version": ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if pred == "v" else ""),
+        "ss_v2": family == "sd2",
+        "ss_v_parameterization": pred == "v",
+        "ss_network_train_unet_only": not weights.text_encoder,
+        "ss_network_train_text_encoder_only": not weights.unet,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{_architecture(family, pred)}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title or "LoRA",
+        "modelspec.date": _dt.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.resolution": "768x768" if family == "sd2" and pred == "v" else "512x512",
+        "modelspec.prediction_type": pred,
+        "sdlora_version": __version__,
+        "sdlora_method": weights.method,
+    }
+    if network_args:
+        meta["ss_network_args"] = network_args
+    if info.get("dropout"):
+        meta["ss_network_dropout"] = info["dropout"]
+    if info.get("preset"):
+        meta["sdlora_preset"] = info["preset"]
+    if info.get("spec"):
+        meta["sdlora_spec"] = info["spec"]
+    if title:
+        meta["ss_output_name"] = title
+    for key, value in dict(extra or {}).items():
+        meta[key] = value
+    strings = {k: _stringify(v) for k, v in meta.items() if v is not None}
+    if "sshs_model_hash" not in strings:
+        strings["sshs_model_hash"], strings["sshs_legacy_hash"] = _hashes(tensors, strings)
+    return strings
+
+
+def parse_network_args(metadata: Mapping[str, str]) -> dict[str, Any]:
+    raw = metadata.get("ss_network_args")
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return {"_raw": raw}
+    return value if isinstance(value, dict) else {"_raw": raw}
+
+
+def to_float(value: torch.Tensor | float) -> float:
+    number = float(value.item() if isinstance(value, torch.Tensor) else value)
+    if not math.isfinite(number):
+        raise ValueError(f"non-finite alpha {number}")
+    return number
+
+
+__all__ = [
+    "other_method",
+    "PLAIN_SUFFIXES",
+    "build_metadata",
+    "derived_network_values",
+    "is_kohya_key",
+    "module_name",
+    "name_index",
+    "parse_network_args",
+    "split_key",
+    "to_state_dict",
+]

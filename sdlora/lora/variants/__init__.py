@@ -1,0 +1,41 @@
+"""Registry of adapter methods: name -> ``AdapterMethod`` subclass, imported on first use.
+
+Adding a method means writing ``variants/<method>.py`` with an :class:`AdapterMethod` subclass
+and adding one line to ``_REGISTRY``; nothing else (training loop, UI, formats) changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import LoraError
+from .base import AdapterMethod, adapter_parameters
+
+# name -> "module:Class" (relative to this package)
+_REGISTRY: dict[str, str] = {
+    "lora": ".lora:PlainLora",
+}
+
+_instances: dict[str, AdapterMethod] = {}
+
+
+def method_names() -> list[str]:
+    """Names of all registered methods (what the UI and the CLI offer)."""
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> AdapterMethod:
+    """The method registered as ``name``; :class:`LoraError` listing the known names otherwise."""
+    if name not in _REGISTRY:
+        raise LoraError(f"Unknown LoRA method {name!r}; available methods: {', '.join(_REGISTRY)}.")
+    if name not in _instances:
+        module_name, _, class_name = _REGISTRY[name].partition(":")
+        cls = getattr(importlib.import_module(module_name, __name__), class_name)
+        instance = cls()
+        if instance.name != name:
+            raise LoraError(f"Registry entry {name!r} points to method {instance.name!r}.")
+        _instances[name] = instance
+    return _instances[name]
+
+
+__all__ = ["AdapterMethod", "adapter_parameters", "get_method", "method_names"]

@@ -1,0 +1,116 @@
+"""The interface every adapter method implements.
+
+A method is one object registered by name in :mod:`sdlora.lora.variants`. It decides
+
+* how adapters are built and injected (:meth:`AdapterMethod.build_config` /
+  :meth:`AdapterMethod.inject`, usually a PEFT config handed to ``peft.inject_adapter_in_model``;
+  PEFT's own ``LoraVariant`` hooks then give forward/merge/unmerge),
+* what trains at which learning rate (:meth:`AdapterMethod.param_groups`),
+* how a trained adapter becomes plain ``lora_down``/``lora_up``/``alpha`` (+ ``dora_scale``)
+  that any SD tool loads (:meth:`AdapterMethod.export`).
+
+Runtime controls (scale, enable/disable, merge) are PEFT's ``BaseTunerLayer`` methods and work
+for every method without extra code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+from torch import nn
+
+from ..errors import LoraError
+from ..spec import LoraSpec
+from ..targets import TargetPlan
+from ..weights import ModuleLora
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ..inject import LoraAdapter
+
+
+def adapter_parameters(layer: "BaseTunerLayer", adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of one adapter inside one PEFT layer, e.g. ``("lora_A.weight", p)``."""
+    for attr in tuple(layer.adapter_layer_names) + tuple(layer.other_param_names):
+        container = getattr(layer, attr, None)
+        if not isinstance(container, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in container:
+            continue
+        item = container[adapter_name]
+        if isinstance(item, nn.Parameter):
+            yield attr, item
+        elif isinstance(item, nn.Module):
+            for sub, param in item.named_parameters():
+                yield f"{attr}.{sub}", param
+
+
+class AdapterMethod(ABC):
+    """Base class of adapter methods. Subclasses set the class attributes and the abstract hooks."""
+
+    #: registry name (also written to file metadata as ``sdlora_method``)
+    name: ClassVar[str]
+    #: short human-readable name shown in the UI and by ``inspect``
+    title: ClassVar[str]
+    #: one-line description for the UI
+    description: ClassVar[str] = ""
+    #: kohya's ``ss_network_module`` value for files this method exports
+    kohya_network_module: ClassVar[str] = "networks.lora"
+    #: keys of ``LoraSpec.options`` this method understands
+    option_names: ClassVar[frozenset[str]] = frozenset()
+
+    def validate(self, spec: LoraSpec) -> None:
+        """Raise :class:`LoraError` for settings this method cannot honour."""
+        unknown = sorted(set(spec.options) - self.option_names)
+        if unknown:
+            allowed = ", ".join(sorted(self.option_names)) or "none"
+            raise LoraError(f"LoRA method {self.name!r} has no option(s) {unknown}; its options: {allowed}.")
+
+    @abstractmethod
+    def build_config(self, plan: TargetPlan, spec: LoraSpec) -> "PeftConfig":
+        """The PEFT config that puts this method's adapters on exactly ``plan``'s layers."""
+
+    def inject(self, model: nn.Module, plan: TargetPlan, spec: LoraSpec, adapter_name: str) -> None:
+        """Add adapter ``adapter_name`` to the layers of ``plan`` (in place)."""
+        import warnings
+
+        from peft import inject_adapter_in_model
+
+        with warnings.catch_warnings():
+            # Several named adapters in one model is intended (preview mixes, training + files).
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(self.build_config(plan, spec), model, adapter_name=adapter_name)
+
+    def param_groups(
+        self,
+        adapter: "LoraAdapter",
+        *,
+        unet_lr: float,
+        text_encoder_lr: float | None = None,
+        weight_decay: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: by default every adapter weight trains, one group per component.
+
+        ``text_encoder_lr=None`` uses ``unet_lr`` for the text encoder too. Groups carry a ``name``
+        key ("unet" / "text_encoder") for logging; torch optimizers ignore it.
+        """
+        groups = []
+        for component, lr in (("unet", unet_lr), ("text_encoder", unet_lr if text_encoder_lr is None else text_encoder_lr)):
+            params = [p for _, p in adapter.named_parameters(component)]  # type: ignore[arg-type]
+            for p in params:
+                p.requires_grad_(True)
+            if params:
+                groups.append({"name": component, "params": params, "lr": lr, "weight_decay": weight_decay})
+        return groups
+
+    @abstractmethod
+    def export(self, layer: "BaseTunerLayer", adapter_name: str) -> ModuleLora:
+        """Plain ``down``/``up``/``alpha`` (+ ``dora_scale``) equal to this layer's adapter at scale 1."""
+
+    def network_args(self, spec: LoraSpec) -> dict[str, str]:
+        """Method-specific entries of kohya's ``ss_network_args`` (string values, as kohya writes them).
+
+        ``conv_dim``/``conv_alpha`` are derived from the exported weights by the file writer.
+        """
+        return {}

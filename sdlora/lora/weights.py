@@ -1,0 +1,93 @@
+"""Plain LoRA weights, independent of PEFT and of any file layout.
+
+Every adapter method exports to this form (``down``/``up``/``alpha`` per layer, plus
+``dora_scale`` for DoRA) and every file format reads into it, so formats and methods never need
+to know about each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .targets import Component
+
+
+@dataclass
+class ModuleLora:
+    """The adapter of one layer: ``delta W = up @ down * alpha / rank``.
+
+    Shapes: Linear ``down [r, in]``, ``up [out, r]``; Conv2d ``down [r, in, kh, kw]``,
+    ``up [out, r, 1, 1]``.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    dora_scale: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.ndim == 4
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """The weight change this adapter adds at scale 1, shaped like the layer's weight."""
+        down = self.down.float()
+        up = self.up.float().reshape(self.up.shape[0], self.rank)
+        if self.is_conv:
+            flat = up @ down.reshape(self.rank, -1)
+            return flat.reshape(up.shape[0], *down.shape[1:]) * self.scale
+        return (up @ down) * self.scale
+
+
+@dataclass
+class LoraWeights:
+    """Adapters by component and canonical module path (text-encoder paths without ``text_model.``).
+
+    ``method`` is the registry name of the method that produced the weights; ``info`` carries
+    what the writer should record (preset, spec values, ...).
+    """
+
+    unet: dict[str, ModuleLora] = field(default_factory=dict)
+    text_encoder: dict[str, ModuleLora] = field(default_factory=dict)
+    method: str = "lora"
+    info: dict[str, object] = field(default_factory=dict)
+
+    def component(self, name: Component) -> dict[str, ModuleLora]:
+        return self.unet if name == "unet" else self.text_encoder
+
+    def items(self) -> Iterator[tuple[Component, str, ModuleLora]]:
+        for name in ("unet", "text_encoder"):
+            for path, module in self.component(name).items():  # type: ignore[arg-type]
+                yield name, path, module  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        return len(self.unet) + len(self.text_encoder)
+
+    def to(self, dtype: torch.dtype) -> "LoraWeights":
+        """A copy with ``down``/``up`` (and ``dora_scale``) cast to ``dtype``."""
+
+        def cast(m: ModuleLora) -> ModuleLora:
+            return ModuleLora(
+                m.down.to(dtype),
+                m.up.to(dtype),
+                m.alpha,
+                None if m.dora_scale is None else m.dora_scale.to(dtype),
+            )
+
+        return LoraWeights(
+            {k: cast(v) for k, v in self.unet.items()},
+            {k: cast(v) for k, v in self.text_encoder.items()},
+            self.method,
+            dict(self.info),
+        )
