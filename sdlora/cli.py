@@ -171,10 +171,10 @@ def cmd_ui(a: argparse.Namespace) -> int:
 
 
 def cmd_variants(a: argparse.Namespace) -> int:
-    from .lora import variants
+    from .lora.variants import get_method, method_names
 
-    for name in variants.available():
-        print(f"{name:12s} {variants.get(name).description}")
+    for name in method_names():
+        print(f"{name:12s} {get_method(name).description}")
     return 0
 
 

@@ -20,31 +20,6 @@ from safetensors.torch import load_file, save_file
 from ..paths import atomic_dir
 
 
-def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """Every parameter that trains, keyed ``<module name>/<param name>``."""
-    out = {}
-    for prefix, module in modules.items():
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                out[f"{prefix}/{name}"] = p.detach().contiguous().clone()
-    return out
-
-
-def load_trainable_state(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
-    expected = trainable_state(modules).keys()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not fit this run's adapters: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for prefix, module in modules.items():
-            params = dict(module.named_parameters())
-            for key, value in state.items():
-                mod, _, name = key.partition("/")
-                if mod == prefix:
-                    params[name].copy_(value)
-
-
 def rng_state() -> dict[str, Any]:
     st: dict[str, Any] = {
         "python": _tuples_to_lists(random.getstate()),
@@ -61,11 +36,11 @@ def set_rng_state(st: dict[str, Any], torch_state: torch.Tensor, cuda_states: li
         torch.cuda.set_rng_state_all(cuda_states)
 
 
-def save_checkpoint(path: Path, *, step: int, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler,
+def save_checkpoint(path: Path, *, step: int, adapter, optimizer, lr_scheduler,
                     extra: dict[str, Any]) -> Path:
     """Write a complete checkpoint folder atomically. ``extra`` must be JSON-serialisable."""
     with atomic_dir(path) as tmp:
-        save_file(trainable_state(modules), str(tmp / "adapter.safetensors"))
+        save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(tmp / "adapter.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         tensors = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -77,10 +52,10 @@ def save_checkpoint(path: Path, *, step: int, modules: dict[str, torch.nn.Module
     return path
 
 
-def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> dict[str, Any]:
+def load_checkpoint(path: Path, *, adapter, optimizer, lr_scheduler) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns its state dict (step, extra)."""
     state = json.loads((path / "state.json").read_text())
-    load_trainable_state(modules, load_file(str(path / "adapter.safetensors")))
+    adapter.load_state_dict(load_file(str(path / "adapter.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     rng = load_file(str(path / "rng.safetensors"))

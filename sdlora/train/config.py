@@ -226,9 +226,9 @@ class TrainConfig:
             raise ConfigError("min_bucket_reso", f"{self.min_bucket_reso} is larger than max_bucket_reso {self.max_bucket_reso}")
         if "{caption}" not in self.caption_template and "{trigger}" not in self.caption_template:
             raise ConfigError("caption_template", "must contain {caption} and/or {trigger}")
-        from ..lora import variants as _variants  # registry of adapter methods
+        from ..lora.variants import method_names  # registry of adapter methods
 
-        names = _variants.available()
+        names = method_names()
         if self.network_type not in names:
             raise ConfigError("network_type", f"{self.network_type!r} is not a known method; choose one of: {', '.join(names)}")
         from ..paths import safe_name

@@ -137,7 +137,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
            resumed: bool) -> TrainResult:
     from diffusers.optimization import get_scheduler
 
-    from ..lora.training import adapter_modules, build_param_groups, export_run_lora, inject_for_training
+    from ..lora import inject_adapters, save_lora
     from ..models.loading import load_base
     from . import data_glue
 
@@ -162,17 +162,18 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     if cfg.with_prior_preservation:
         class_items = data_glue.ensure_class_images(cfg, base, log, accelerator)
 
-    injected = inject_for_training(unet, text_encoder if cfg.train_text_encoder else None, cfg)
-    modules = adapter_modules(unet, text_encoder, cfg)
+    # Caching runs the frozen VAE / text encoder once, before adapters exist.
+    data = data_glue.build(cfg, base, class_items, accelerator, log, run.path)
+
+    adapter = inject_adapters(unet, text_encoder if cfg.train_text_encoder else None, lora_spec(cfg))
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
-    for name, m in modules.items():
+    for m in adapter.models:
         m.train()
-
-    data = data_glue.build(cfg, base, class_items, accelerator, log)
-    param_groups = build_param_groups(unet, text_encoder if cfg.train_text_encoder else None, cfg)
+    param_groups = adapter.param_groups(unet_lr=cfg.effective_unet_lr, text_encoder_lr=cfg.text_encoder_lr,
+                                        weight_decay=cfg.weight_decay)
     n_trainable = sum(p.numel() for g in param_groups for p in g["params"])
     optimizer = _make_optimizer(cfg, param_groups, accelerator.device)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -181,7 +182,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     start_step = 0
     latest = run.latest_checkpoint()
     if resumed and latest is not None:
-        state = load_checkpoint(latest, modules=modules, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        state = load_checkpoint(latest, adapter=adapter, optimizer=optimizer, lr_scheduler=lr_scheduler)
         start_step = state["step"]
         data.load_state_dict(state["data"])
         log.emit(Message(f"resumed from {latest.name}"))
@@ -258,7 +259,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and not last and accelerator.is_main_process:
             data_glue.make_samples(cfg, base, run, step, log)
         if want_stop or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0) or last:
-            cp = _checkpoint(run, cfg, step, modules, optimizer, lr_scheduler, data, accelerator, log)
+            cp = _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelerator, log)
             if want_stop and not last:
                 log.emit(Stopped(step=step, checkpoint=str(cp) if cp else None))
                 if accelerator.is_main_process:
@@ -269,8 +270,10 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     lora_path = None
     if accelerator.is_main_process:
         data_glue.make_samples(cfg, base, run, step, log)
-        lora_path = export_run_lora(unet, text_encoder if cfg.train_text_encoder else None, cfg, run.lora_path,
-                                    data_glue.training_metadata(cfg, data, step, t_start))
+        lora_path = save_lora(adapter, run.lora_path, format="kohya", family=base.family,
+                              prediction_type=base.prediction_type, title=cfg.output_name,
+                              dtype={"float": "fp32"}.get(cfg.save_precision, cfg.save_precision),
+                              metadata=data_glue.training_metadata(cfg, data, step, t_start))
         run.write_status("done", "finished", step=step, total_steps=cfg.max_train_steps)
     accelerator.wait_for_everyone()
     log.emit(Done(step=step, lora_path=str(lora_path or run.lora_path), seconds=time.time() - t_start))
@@ -278,11 +281,26 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     return TrainResult(run.path, "done", step, lora_path, run.latest_checkpoint())
 
 
-def _checkpoint(run, cfg, step, modules, optimizer, lr_scheduler, data, accelerator, log) -> Path | None:
+def lora_spec(cfg: TrainConfig):
+    """The adapter settings of a run, from the config's kohya-named options."""
+    from ..lora import LoraSpec
+
+    options = dict(cfg.network_args)
+    if cfg.loraplus_lr_ratio:
+        options["loraplus_lr_ratio"] = cfg.loraplus_lr_ratio
+    return LoraSpec(method=cfg.network_type, preset=cfg.network_preset, rank=cfg.network_dim, alpha=cfg.network_alpha,
+                    conv_rank=cfg.conv_dim if cfg.network_preset == "full" else None,
+                    conv_alpha=cfg.conv_alpha if cfg.network_preset == "full" else None,
+                    text_encoder=cfg.train_text_encoder, text_encoder_rank=cfg.text_encoder_dim or None,
+                    text_encoder_alpha=cfg.text_encoder_alpha or None, dropout=cfg.network_dropout,
+                    rslora=cfg.use_rslora, options=options)
+
+
+def _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelerator, log) -> Path | None:
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
-        path = save_checkpoint(run.checkpoints_dir / f"step-{step}", step=step, modules=modules, optimizer=optimizer,
+        path = save_checkpoint(run.checkpoints_dir / f"step-{step}", step=step, adapter=adapter, optimizer=optimizer,
                                lr_scheduler=lr_scheduler, extra=dict(data=data.state_dict()))
         prune_checkpoints(run.checkpoints(), cfg.save_last_n_checkpoints)
         log.emit(Checkpoint(step=step, path=str(path)))

@@ -1,0 +1,199 @@
+"""Training on the tiny model: learning, lr=0 control, exact resume after SIGTERM, SIGKILL safety, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sdlora.train.config import ConfigError, TrainConfig
+from sdlora.train.loop import train
+from sdlora.train.runs import RunDir
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "tiny.toml"
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30), (200, 40, 200), (30, 200, 200)]
+
+
+def make_images(folder: Path, n: int = 6, size: int = 64) -> Path:
+    """Solid-colour squares on white with captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["red", "green", "blue", "yellow", "magenta", "cyan"]
+    for i in range(n):
+        img = Image.new("RGB", (size, size), "white")
+        c = COLOURS[i % len(COLOURS)]
+        q = size // 4
+        img.paste(Image.new("RGB", (2 * q, 2 * q), c), (q, q))
+        img.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a {names[i % len(names)]} square")
+    return folder
+
+
+def tiny_cfg(tmp_path: Path, data: Path, name: str, *extra: str, model: Path | None = None) -> TrainConfig:
+    sets = [f"train_data_dir={data}", f"output_dir={tmp_path / 'runs'}", f"output_name={name}"]
+    if model is not None:
+        sets.append(f"pretrained_model_name_or_path={model}")
+    return TrainConfig.from_toml(CONFIG, sets + list(extra))
+
+
+def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def generate_with(model_dir: Path, lora: Path | None, seed: int = 0) -> np.ndarray:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    return pipe("a red square, in tinystyle style", num_inference_steps=3, height=64, width=64, guidance_scale=1.0,
+                generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+
+
+def test_training_learns_and_lr0_is_identity(tmp_path, tiny_model_dir):
+    data = make_images(tmp_path / "data")
+    events = []
+    res = train(tiny_cfg(tmp_path, data, "learn", "max_train_steps=30", "learning_rate=2e-3", "text_encoder_lr=1e-3",
+                         "save_every_n_steps=0", model=tiny_model_dir), callbacks=[events.append])
+    assert res.state == "done" and res.lora_path.is_file()
+    losses = [e.loss for e in events if e.type == "step"]
+    assert len(losses) == 30
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    kinds = [e.type for e in events]
+    assert kinds.count("start") == 1 and kinds[-1] == "done"
+    step_ev = [e for e in events if e.type == "step"][-1]
+    assert step_ev.it_per_s > 0 and step_ev.eta_s == 0 and step_ev.lr > 0
+    # events.jsonl has the same steps
+    logged = RunDir(res.run_dir).events({"step"})
+    assert [round(e["loss"], 6) for e in logged] == [round(x, 6) for x in losses]
+
+    base = generate_with(tiny_model_dir, None)
+    learned = generate_with(tiny_model_dir, res.lora_path)
+    assert np.abs(learned - base).max() > 1e-3
+
+    zero = train(tiny_cfg(tmp_path, data, "lr0", "max_train_steps=5", "learning_rate=0", "text_encoder_lr=0",
+                          model=tiny_model_dir))
+    assert np.array_equal(generate_with(tiny_model_dir, zero.lora_path), base)
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    end = time.time() + timeout
+    while time.time() < end:
+        last = RunDir(run).last_step_event()
+        if last and last["step"] >= step:
+            return last["step"]
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.returncode}\n{(run / 'train.log').read_text() if (run / 'train.log').exists() else ''}")
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the trainer")
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "sdlora.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_exact_resume_after_sigterm(tmp_path, tiny_model_dir):
+    data = make_images(tmp_path / "data")
+    common = ["max_train_steps=12", "save_every_n_steps=0", "resolution=128", "max_bucket_reso=128",
+              "shuffle_caption=true", "caption_dropout_rate=0.3", "flip_aug=true", "network_dropout=0.1",
+              f"pretrained_model_name_or_path={tiny_model_dir}", f"train_data_dir={data}", f"output_dir={tmp_path / 'runs'}"]
+    straight = train(TrainConfig.from_toml(CONFIG, common + ["output_name=straight"]))
+
+    proc = _cli("train", str(CONFIG), *sum((["--set", s] for s in common + ["output_name=resumed"]), []), "--no-progress")
+    run = tmp_path / "runs" / "resumed"
+    _wait_for_step(run, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    st = RunDir(run).status()
+    assert st["state"] == "stopped", (st, out)
+    stopped_at = st["step"]
+    assert 5 <= stopped_at < 12
+    assert RunDir(run).latest_checkpoint().name == f"step-{stopped_at}"
+    assert not RunDir(run).lora_path.exists()
+
+    proc = _cli("train", "--resume", str(run), "--no-progress")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert RunDir(run).status()["state"] == "done"
+    a, b = lora_tensors(straight.lora_path), lora_tensors(RunDir(run).lora_path)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigkill_leaves_only_complete_files_and_resumes(tmp_path, tiny_model_dir):
+    data = make_images(tmp_path / "data")
+    sets = ["max_train_steps=40", "save_every_n_steps=3", "save_last_n_checkpoints=2", "resolution=128",
+            "max_bucket_reso=128", f"pretrained_model_name_or_path={tiny_model_dir}", f"train_data_dir={data}",
+            f"output_dir={tmp_path / 'runs'}", "output_name=killed"]
+    proc = _cli("train", str(CONFIG), *sum((["--set", s] for s in sets), []), "--no-progress")
+    run = tmp_path / "runs" / "killed"
+    _wait_for_step(run, random.Random(os.getpid()).randint(4, 12), proc)
+    proc.kill()
+    proc.wait()
+    rd = RunDir(run)
+    assert rd.status()["state"] == "stopped"  # the dead process is not reported as running
+    # Nothing half-written where a loader would look: only complete step-N folders and no final LoRA yet.
+    for p in rd.checkpoints_dir.iterdir():
+        if not p.name.startswith("."):
+            assert (p / "state.json").is_file() and (p / "adapter.safetensors").is_file(), p
+    assert not rd.lora_path.exists()
+    assert [p for p in run.iterdir() if p.suffix == ".safetensors"] == []
+    assert rd.latest_checkpoint() is not None
+
+    res = train(resume=run)
+    assert res.state == "done" and res.lora_path.is_file()
+    assert rd.status()["state"] == "done"
+    assert len(rd.checkpoints()) <= 2
+    assert [p.name for p in rd.checkpoints_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_nan_loss_stops_with_clear_message(tmp_path, tiny_model_dir):
+    from sdlora.train.loop import TrainingError
+
+    data = make_images(tmp_path / "data")
+    cfg = tiny_cfg(tmp_path, data, "nan", "max_train_steps=30", "learning_rate=1e30", "text_encoder_lr=1e30",
+                   "max_grad_norm=0", "save_every_n_steps=1", model=tiny_model_dir)
+    with pytest.raises(TrainingError, match="loss became") as e:
+        train(cfg)
+    assert "learning_rate" in str(e.value)
+    rd = RunDir(cfg.run_dir)
+    st = rd.status()
+    assert st["state"] == "failed" and "loss became" in st["message"]
+    assert rd.latest_checkpoint() is not None  # the last good checkpoint is kept
+
+
+def test_no_usable_images_fails_before_loading_model(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("hello")
+    (empty / "broken.png").write_bytes(b"not an image")
+    cfg = TrainConfig.from_toml(CONFIG, [f"train_data_dir={empty}", f"output_dir={tmp_path / 'runs'}",
+                                         "pretrained_model_name_or_path=/nonexistent/model"])
+    with pytest.raises(Exception) as e:
+        train(cfg)
+    # the data problem is reported, not the (never loaded) model
+    assert "image" in str(e.value).lower() and "nonexistent" not in str(e.value)
+
+
+def test_cli_train_bad_option_exit_codes(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sdlora.cli", "train", str(CONFIG), "--set", "network_dim=0",
+                        "--set", f"train_data_dir={tmp_path}"], capture_output=True, text=True)
+    assert r.returncode == 1 and "network_dim" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "sdlora.cli", "train", "--frobnicate"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--frobnicate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
