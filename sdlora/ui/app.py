@@ -9,8 +9,9 @@ Handlers only call the library's public API - :func:`sdlora.data.scan_dataset`,
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import gradio as gr
 
@@ -31,6 +32,17 @@ CHECK_FIELDS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_re
                 "bucket_no_upscale", "caption_template", "caption_extension")
 
 
+@dataclass
+class DatasetView:
+    """What the dataset tab shows: usable images (path, label), their names, the check, the problems."""
+
+    gallery: list[tuple[str, str]]
+    names: list[str]
+    html: str
+    problems: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
 class App:
     """Builds the ``gr.Blocks`` and holds its handlers (bound to one :class:`AppContext`)."""
 
@@ -44,32 +56,37 @@ class App:
     def _folder(self, name: str, *, create: bool = False) -> Path:
         return ds.dataset_dir(self.ctx.runs_dir, name, create=create)
 
-    def _gallery(self, folder: Path) -> list[tuple[str, str]]:
-        out = []
-        for img in ds.image_files(folder):
-            cap = ds.read_caption_text(img)
-            name = ds.relative_name(folder, img)
-            out.append((str(img), f"{name}: {cap}" if cap else f"{name} (no caption)"))
-        return out
-
-    def _check_html(self, folder: Path, trigger_word: str, check: dict[str, Any]) -> tuple[str, list[str]]:
-        """The dataset check as HTML, plus the problems worth a warning toast."""
+    def _dataset_view(self, folder: Path, trigger_word: str, check: dict[str, Any],
+                      refused: Sequence[str] = ()) -> DatasetView:
+        """Scan the dataset with the training loader's own check and render gallery and report."""
         from ..data import BucketConfig, CaptionConfig, NoUsableImagesError, scan_dataset
 
+        parts = ['<div class="sdl-check" id="sdl-check">']
+        problems = list(refused)
+        if refused:
+            parts.append(f'<div class="bad"><b>{len(refused)} upload(s) were not added:</b></div><ul>')
+            parts.extend(f"<li>{esc(r)}</li>" for r in refused)
+            parts.append("</ul>")
         if not folder.is_dir() or not any(folder.iterdir()):
-            return ('<div class="sdl-check" id="sdl-check"><b class="bad">The dataset is empty.</b> Upload images '
-                    '(or a .zip of them) to train on.</div>'), ["The dataset is empty: upload images first."]
+            parts.append('<div><b class="bad">The dataset is empty.</b> Upload images (or a .zip of them) to '
+                         "train on.</div></div>")
+            return DatasetView([], [], "".join(parts), problems + ["The dataset is empty: upload images first."])
         values = {k: form.parse_value(_field(k), v) for k, v in check.items() if k in CHECK_FIELDS}
         try:
             scan = scan_dataset(folder, caption_extension=values.get("caption_extension", ".txt"))
-        except NoUsableImagesError as e:
-            scan = e.scan
-            usable = False
-        else:
             usable = True
-        problems: list[str] = []
-        parts = ['<div class="sdl-check" id="sdl-check">']
+        except NoUsableImagesError as e:
+            scan, usable = e.scan, False
+        gallery, names = [], []
+        for item in scan.items:
+            name = _rel(folder, item.path)
+            cap = (item.caption or "").strip()
+            gallery.append((str(item.path), f"{name}: {cap}" if cap else f"{name} (no caption)"))
+            names.append(name)
+        warnings = list(scan.warnings)
         if usable:
+            bucket_text = ""
+            buckets: Any = None
             try:
                 buckets = BucketConfig(
                     resolution=values.get("resolution", 512), min_bucket_reso=values.get("min_bucket_reso", 256),
@@ -78,8 +95,7 @@ class App:
                     bucket_no_upscale=values.get("bucket_no_upscale", False),
                     enable_bucket=values.get("enable_bucket", True))
             except ValueError as e:
-                buckets = None
-                bucket_text = f'<span class="bad">bucket settings are invalid: {esc(e)}</span>'
+                bucket_text = f'<span class="bad">The bucket settings are invalid: {esc(e)}</span>'
             captions = None
             try:
                 captions = CaptionConfig(template=values.get("caption_template", "{caption}"),
@@ -87,54 +103,57 @@ class App:
             except ValueError as e:
                 problems.append(str(e))
             summary = scan.summary(buckets if buckets is not None else 512, captions)
+            warnings = summary.get("warnings", warnings)
             if buckets is not None:
                 hist = summary["buckets"]
                 bucket_text = (f"{len(hist)} bucket(s): "
                                + ", ".join(f"{esc(k)} px &times; {v}" for k, v in hist.items()))
             parts.append(f'<div><b>{summary["images"]} image(s) will be used</b> '
                          f'({summary["images_with_repeats"]} per epoch with repeats, '
-                         f'{summary["captioned"]} with a caption file). {bucket_text}.</div>')
+                         f'{summary["captioned"]} with a caption file). {bucket_text}</div>')
             if summary.get("example_captions"):
                 parts.append('<div class="sdl-hint">Training captions, e.g.: '
                              + " | ".join(f"<code>{esc(c)}</code>" for c in summary["example_captions"][:3])
                              + "</div>")
-            warnings = summary.get("warnings", [])
         else:
-            parts.append('<div><b class="bad">No usable image: training cannot start.</b></div>')
+            parts.append('<div><b class="bad">No usable image: training cannot start.</b> Upload images '
+                         "(PNG, JPEG, WebP, ...).</div>")
             problems.append("No usable image in the dataset.")
-            warnings = list(scan.warnings)
         if scan.skipped:
-            parts.append(f'<div class="bad"><b>{len(scan.skipped)} file(s) cannot be used and will be skipped:</b></div><ul>')
+            parts.append(f'<div class="bad"><b>{len(scan.skipped)} file(s) cannot be used and will be skipped:</b>'
+                         "</div><ul>")
             for sk in scan.skipped:
                 rel = _rel(folder, sk.path)
-                parts.append(f'<li><code>{esc(rel)}</code>: {esc(sk.reason)}</li>')
+                parts.append(f"<li><code>{esc(rel)}</code>: {esc(sk.reason)}</li>")
                 problems.append(f"{rel}: {sk.reason}")
             parts.append("</ul>")
         for w in warnings:
             parts.append(f'<div class="sdl-hint">Note: {esc(w)}</div>')
             problems.append(w)
         parts.append("</div>")
-        return "".join(parts), problems
+        return DatasetView(gallery, names, "".join(parts), problems, [_rel(folder, sk.path) for sk in scan.skipped])
 
-    def _dataset_outputs(self, folder: Path, trigger_word: str, check: dict[str, Any], extra: list[str] = ()):
-        html, problems = self._check_html(folder, trigger_word, check)
-        problems = list(extra) + problems
-        if problems:
-            shown = problems[:8] + ([f"... and {len(problems) - 8} more (see the dataset check)"] if len(problems) > 8 else [])
+    def _dataset_outputs(self, folder: Path, trigger_word: str, check: dict[str, Any], refused: Sequence[str] = ()):
+        """(gallery, check, dataset lists x2, gallery names) for the dataset tab; problems also as a toast."""
+        view = self._dataset_view(folder, trigger_word, check, refused)
+        if view.problems:
+            shown = view.problems[:8]
+            if len(view.problems) > 8:
+                shown.append(f"... and {len(view.problems) - 8} more (see the dataset check)")
             gr.Warning("<br>".join(esc(p) for p in shown), title="Dataset check")
         names = ds.list_datasets(self.ctx.runs_dir)
-        return (self._gallery(folder), html, gr.update(choices=names, value=folder.name),
-                gr.update(choices=names, value=folder.name))
+        return (view.gallery, view.html, gr.update(choices=names, value=folder.name),
+                gr.update(choices=names, value=folder.name), view.names)
 
     @guarded
-    def upload_dataset(self, dataset_name: str, files: list[str] | None, trigger_word: str = "", **check: Any):
+    def upload_dataset(self, dataset_name: str, files: list[str] | None = None, trigger_word: str = "", **check: Any):
         """Add uploaded images, captions or .zip files to a dataset and check it."""
         if not files:
             raise UIError("No files were uploaded. Choose images, .txt captions or a .zip.", title="Upload")
         folder = self._folder(dataset_name, create=True)
         uploads = [(Path(str(f)).name, str(f)) for f in files]
         report = ds.add_files(folder, uploads, self.ctx.opts.max_upload_bytes)
-        refused = [f"{name} was not added: {reason}" for name, reason in report.rejected]
+        refused = [f"{name}: {reason}" for name, reason in report.rejected]
         if not report.added and refused:
             raise UIError("Nothing was added. " + " ; ".join(refused), title="Upload")
         if report.added:
@@ -164,32 +183,48 @@ class App:
     @guarded
     def check_dataset(self, dataset_name: str, trigger_word: str = "", **check: Any) -> str:
         """The dataset check alone: usable images, buckets and every unusable file with its reason."""
-        html, _ = self._check_html(self._folder(dataset_name), trigger_word, check)
-        return html
+        return self._dataset_view(self._folder(dataset_name), trigger_word, check).html
 
     @guarded
-    def select_image(self, dataset_name: str, evt: gr.SelectData):
-        folder = self._folder(dataset_name)
-        images = ds.image_files(folder)
-        if evt.index is None or not 0 <= int(evt.index) < len(images):
+    def select_image(self, dataset_name: str, names: list[str] | None, evt: gr.SelectData):
+        """Clicking a gallery image opens its caption for editing."""
+        names = names or []
+        if evt.index is None or not 0 <= int(evt.index) < len(names):
             return "", ""
-        img = images[int(evt.index)]
-        return ds.relative_name(folder, img), ds.read_caption_text(img)
-
-    @guarded
-    def save_caption(self, dataset_name: str, image: str, caption: str):
-        """Write an image's caption (.txt next to it); an empty caption removes it."""
         folder = self._folder(dataset_name)
-        ds.write_caption(folder, image, caption)
-        gr.Info(f"Caption of {image} saved.")
-        return self._gallery(folder)
+        name = names[int(evt.index)]
+        return name, ds.read_caption_text(folder / name)
 
     @guarded
-    def remove_image(self, dataset_name: str, image: str, trigger_word: str = "", **check: Any):
+    def save_caption(self, dataset_name: str, image: str | None = None, caption: str | None = None,
+                     trigger_word: str = "", **check: Any):
+        """Write an image's caption (.txt next to it); an empty caption removes it."""
+        if not image:
+            raise UIError("Click an image in the gallery first.", title="Caption")
+        folder = self._folder(dataset_name)
+        ds.write_caption(folder, image, caption or "")
+        gr.Info(f"Caption of {image} saved.")
+        view = self._dataset_view(folder, trigger_word, check)
+        return view.gallery, view.html, view.names
+
+    @guarded
+    def remove_image(self, dataset_name: str, image: str | None = None, trigger_word: str = "", **check: Any):
         """Delete an image (and its caption) from the dataset."""
+        if not image:
+            raise UIError("Click an image in the gallery first.", title="Remove image")
         folder = self._folder(dataset_name)
         ds.remove_image(folder, image)
         return (*self._dataset_outputs(folder, trigger_word, check), "", "")
+
+    @guarded
+    def remove_unusable(self, dataset_name: str, trigger_word: str = "", **check: Any):
+        """Delete the files the dataset check lists as unusable."""
+        folder = self._folder(dataset_name)
+        view = self._dataset_view(folder, trigger_word, check)
+        for rel in view.skipped:
+            ds.remove_image(folder, rel)
+        gr.Info(f"Removed {len(view.skipped)} unusable file(s).")
+        return self._dataset_outputs(folder, trigger_word, check)
 
     # =========================================================================================
     # Train tab
@@ -357,60 +392,70 @@ class App:
         return out
 
     def _gen_kwargs(self, prompt: str, negative_prompt: str, seed: float, steps: float, width: float,
-                    height: float) -> dict[str, Any]:
+                    height: float, guidance: float, sampler: str) -> dict[str, Any]:
+        from ..generate import scheduler_names
+
         if not (prompt or "").strip():
             raise UIError("Write a prompt first.", title="Prompt")
+        if sampler not in scheduler_names():
+            raise UIError(f"Unknown sampler {sampler!r}; choose one of: {', '.join(scheduler_names())}.",
+                          title="Sampler")
+        try:
+            guidance_f = float(guidance)
+        except (TypeError, ValueError):
+            raise UIError(f"Guidance ({guidance!r}) is not a number.", title="Invalid value") from None
+        if not 0 <= guidance_f <= 30:
+            raise UIError(f"Guidance {guidance_f:g} is outside 0 to 30.", title="Invalid value")
         kw = dict(prompt=prompt, negative_prompt=negative_prompt or "", seed=_int(seed, "seed", 0),
                   steps=_int(steps, "steps", 1, 150), width=_int(width, "width", 64, 2048),
-                  height=_int(height, "height", 64, 2048))
+                  height=_int(height, "height", 64, 2048), guidance=guidance_f, scheduler=sampler)
         for k in ("width", "height"):
             if kw[k] % 8:
                 raise UIError(f"{k} {kw[k]} is not a multiple of 8.", title="Size")
         return kw
 
     def _previewer(self, base: str, loras: list[tuple[str, float]]):
-        prev = self.ctx.previewer(self.ctx.check_base(base))
-        prev.set_loras(loras)
-        return prev
+        return self.ctx.previewer(self.ctx.check_base(base), loras)
 
     @guarded
-    def preview(self, base_model: str, lora_runs: list[str] | None, lora_files: list[str] | None, lora_weights: Any,
-                prompt: str, negative_prompt: str = "", seed: float = 0, steps: float = 20, width: float = 512,
-                height: float = 512, scale: float = 1.0):
+    def preview(self, base_model: str, lora_runs: list[str] | None = None, lora_files: list[str] | None = None,
+                lora_weights: Any = None, prompt: str = "", negative_prompt: str = "", seed: float = 0, steps: float = 20, width: float = 512,
+                height: float = 512, guidance: float = 7.0, sampler: str = "DPM++ 2M Karras", scale: float = 1.0):
         """Generate one image with the LoRAs at ``scale`` (0 = the base model alone)."""
-        kw = self._gen_kwargs(prompt, negative_prompt, seed, steps, width, height)
+        kw = self._gen_kwargs(prompt, negative_prompt, seed, steps, width, height, guidance, sampler)
         loras = self._loras(lora_runs, lora_files, lora_weights)
         with self.ctx.preview_lock:
             prev = self._previewer(base_model, loras)
-            return prev.generate(scale=float(scale), **kw)
+            return prev.generate(scale=float(scale), **kw)[0]
 
     @guarded
-    def compare(self, base_model: str, lora_runs: list[str] | None, lora_files: list[str] | None, lora_weights: Any,
-                prompt: str, negative_prompt: str = "", seed: float = 0, steps: float = 20, width: float = 512,
-                height: float = 512, scale: float = 1.0):
+    def compare(self, base_model: str, lora_runs: list[str] | None = None, lora_files: list[str] | None = None,
+                lora_weights: Any = None, prompt: str = "", negative_prompt: str = "", seed: float = 0, steps: float = 20, width: float = 512,
+                height: float = 512, guidance: float = 7.0, sampler: str = "DPM++ 2M Karras", scale: float = 1.0):
         """The base model and the LoRA at ``scale``, same prompt and seed, side by side."""
-        kw = self._gen_kwargs(prompt, negative_prompt, seed, steps, width, height)
+        kw = self._gen_kwargs(prompt, negative_prompt, seed, steps, width, height, guidance, sampler)
         loras = self._loras(lora_runs, lora_files, lora_weights)
         if not loras:
             raise UIError("Pick a run's LoRA or upload a LoRA file to compare with the base model.", title="LoRA")
         with self.ctx.preview_lock:
             prev = self._previewer(base_model, loras)
-            return prev.generate(scale=0.0, **kw), prev.generate(scale=float(scale), **kw)
+            return prev.generate(scale=0.0, **kw)[0], prev.generate(scale=float(scale), **kw)[0]
 
     @guarded
-    def scale_grid(self, base_model: str, lora_runs: list[str] | None, lora_files: list[str] | None,
-                   lora_weights: Any, prompt: str, negative_prompt: str = "", seed: float = 0, steps: float = 20,
-                   width: float = 512, height: float = 512, scales: str = DEFAULT_GRID):
+    def scale_grid(self, base_model: str, lora_runs: list[str] | None = None, lora_files: list[str] | None = None,
+                   lora_weights: Any = None, prompt: str = "", negative_prompt: str = "", seed: float = 0,
+                   steps: float = 20, width: float = 512, height: float = 512, guidance: float = 7.0, sampler: str = "DPM++ 2M Karras",
+                   scales: str = DEFAULT_GRID):
         """One image per LoRA scale, same seed, in a labelled row."""
         from ..generate import image_grid
 
-        kw = self._gen_kwargs(prompt, negative_prompt, seed, steps, width, height)
+        kw = self._gen_kwargs(prompt, negative_prompt, seed, steps, width, height, guidance, sampler)
         values = _scales(scales)
         loras = self._loras(lora_runs, lora_files, lora_weights)
         with self.ctx.preview_lock:
             prev = self._previewer(base_model, loras)
-            images = prev.scale_grid(values, **kw)
-        return image_grid(images, labels=[f"{s:g}" for s in values])
+            pairs = prev.scale_grid(values, **kw)
+        return image_grid([img for _, img in pairs], labels=[f"scale {s:g}" for s, _ in pairs])
 
     def lora_table(self, lora_runs: list[str] | None, lora_files: list[str] | None, lora_weights: Any):
         """Rows (LoRA, weight) for the chosen runs and files, keeping weights already typed in."""
@@ -520,16 +565,18 @@ class App:
         try:
             folder = self._folder(dataset_name)
         except UIError:
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         if not folder.is_dir():
-            return gr.skip(), gr.skip()
-        html, _ = self._check_html(folder, trigger_word, check)
-        return self._gallery(folder), html
+            return gr.skip(), gr.skip(), gr.skip()
+        view = self._dataset_view(folder, trigger_word, check)
+        return view.gallery, view.html, view.names
 
     # =========================================================================================
     # Layout
     # =========================================================================================
     def build(self) -> gr.Blocks:
+        from ..generate import DEFAULT_SCHEDULER, scheduler_names
+
         ctx = self.ctx
         base_choices, base_value = ctx.base_dropdown()
         res_values = _resolution_values(ctx.base_resolution(base_value) or 512)
@@ -573,6 +620,8 @@ class App:
                         save_cap = gr.Button("Save caption", elem_id="ds-save-caption")
                         remove = gr.Button("Remove image", variant="stop", elem_id="ds-remove")
                         recheck = gr.Button("Check dataset", elem_id="ds-recheck")
+                        remove_bad = gr.Button("Remove unusable files", elem_id="ds-remove-unusable")
+                    ds_items = gr.State([])
 
                 # --------------------------------------------------------------------- train
                 with gr.Tab("Train", id="train", elem_id="tab-train"):
@@ -635,7 +684,7 @@ class App:
                             pv_runs = gr.Dropdown(choices=[], value=[], multiselect=True, label="LoRAs of runs",
                                                   elem_id="pv-runs", allow_custom_value=True)
                             pv_files = gr.File(file_count="multiple", label="Or upload SD 1.x LoRA .safetensors files",
-                                               elem_id="pv-files", height=100)
+                                               elem_id="pv-files", height=130)
                             pv_weights = gr.Dataframe(headers=["LoRA", "weight"], value=[], type="array",
                                                       datatype=["str", "number"], static_columns=[0],
                                                       label="Weight of each LoRA", elem_id="pv-weights",
@@ -643,13 +692,17 @@ class App:
                             prompt = gr.Textbox(value="a house by a lake", label="Prompt", lines=2, elem_id="pv-prompt")
                             negative = gr.Textbox(value="", label="Negative prompt", elem_id="pv-negative")
                             with gr.Row():
-                                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="pv-seed", minimum=0)
-                                steps = gr.Number(value=20, precision=0, label="Steps", elem_id="pv-steps",
-                                                  minimum=1, maximum=150)
-                                width = gr.Number(value=res_values["width"], precision=0, step=8, label="Width", minimum=64,
-                                                  maximum=2048, elem_id="pv-width")
-                                height = gr.Number(value=res_values["height"], precision=0, step=8, label="Height", minimum=64,
-                                                   maximum=2048, elem_id="pv-height")
+                                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="pv-seed")
+                                steps = gr.Number(value=20, precision=0, label="Steps", elem_id="pv-steps")
+                                width = gr.Number(value=res_values["width"], precision=0, step=8, label="Width",
+                                                  elem_id="pv-width")
+                                height = gr.Number(value=res_values["height"], precision=0, step=8, label="Height",
+                                                   elem_id="pv-height")
+                            with gr.Row():
+                                guidance = gr.Number(value=7.0, step=0.5, label="Guidance",
+                                                     elem_id="pv-guidance")
+                                sampler = gr.Dropdown(choices=scheduler_names(), value=DEFAULT_SCHEDULER,
+                                                      label="Sampler", elem_id="pv-sampler", allow_custom_value=True)
                         with gr.Column(scale=3):
                             scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale",
                                               info="0 = base model; the image follows the slider (model stays loaded).",
@@ -679,7 +732,7 @@ class App:
                         ex_step = gr.Dropdown(choices=[("final LoRA", "final")], value="final",
                                               label="Final LoRA or a checkpoint", elem_id="ex-step",
                                               allow_custom_value=True)
-                        ex_rank = gr.Number(value=0, precision=0, minimum=0, label="Rank (0 = as trained)",
+                        ex_rank = gr.Number(value=0, precision=0, label="Rank (0 = as trained)",
                                             info="A lower rank is made by SVD of each module's update.",
                                             elem_id="ex-rank")
                     ex_btn = gr.Button("Export", variant="primary", elem_id="ex-export")
@@ -693,26 +746,23 @@ class App:
 
             # ------------------------------------------------------------------------- wiring
             check_kw = {k: self.cfg[k] for k in CHECK_FIELDS if k in self.cfg}
-            ds_outputs = [gallery, check, ds_existing, train_ds]
-            upload.upload(self.upload_dataset, inputs_kwargs=dict(dataset_name=ds_name, files=upload,
-                                                                 trigger_word=trigger, **check_kw),
+            ds_kw = dict(dataset_name=ds_name, trigger_word=trigger, **check_kw)
+            ds_outputs = [gallery, check, ds_existing, train_ds, ds_items]
+            upload.upload(self.upload_dataset, inputs_kwargs=dict(ds_kw, files=upload),
                           outputs=[*ds_outputs, upload], api_name="upload_dataset")
-            ds_existing.input(lambda n: n, inputs=ds_existing, outputs=ds_name, api_visibility="private").then(
-                self.open_dataset, inputs_kwargs=dict(dataset_name=ds_name, trigger_word=trigger, **check_kw),
-                outputs=ds_outputs, api_name="open_dataset")
-            use_style.click(self.use_style_set, inputs_kwargs=dict(dataset_name=ds_name, style=style,
-                                                                  trigger_word=trigger, **check_kw),
-                            outputs=ds_outputs, api_name="use_style_set")
-            recheck.click(self.check_dataset, inputs_kwargs=dict(dataset_name=ds_name, trigger_word=trigger,
-                                                                 **check_kw),
-                          outputs=check, api_name="check_dataset")
-            gallery.select(self.select_image, inputs=[ds_name], outputs=[sel_image, caption],
+            ds_existing.input(_identity, inputs=ds_existing, outputs=ds_name, api_visibility="private").then(
+                self.open_dataset, inputs_kwargs=ds_kw, outputs=ds_outputs, api_name="open_dataset")
+            use_style.click(self.use_style_set, inputs_kwargs=dict(ds_kw, style=style), outputs=ds_outputs,
+                            api_name="use_style_set")
+            recheck.click(self.check_dataset, inputs_kwargs=ds_kw, outputs=check, api_name="check_dataset")
+            gallery.select(self.select_image, inputs=[ds_name, ds_items], outputs=[sel_image, caption],
                            api_visibility="private")
-            save_cap.click(self.save_caption, inputs=[ds_name, sel_image, caption], outputs=gallery,
-                           api_name="save_caption")
-            remove.click(self.remove_image, inputs_kwargs=dict(dataset_name=ds_name, image=sel_image,
-                                                               trigger_word=trigger, **check_kw),
+            save_cap.click(self.save_caption, inputs_kwargs=dict(ds_kw, image=sel_image, caption=caption),
+                           outputs=[gallery, check, ds_items], api_name="save_caption")
+            remove.click(self.remove_image, inputs_kwargs=dict(ds_kw, image=sel_image),
                          outputs=[*ds_outputs, sel_image, caption], api_name="remove_image")
+            remove_bad.click(self.remove_unusable, inputs_kwargs=ds_kw, outputs=ds_outputs,
+                             api_name="remove_unusable")
 
             preset.input(self.apply_preset, inputs=preset, outputs=list(self.cfg.values()), api_visibility="private")
             if all(k in self.cfg for k in RESOLUTION_FIELDS):
@@ -736,7 +786,8 @@ class App:
                 self.poll, inputs=[watch, gr.State(None)], outputs=live_outputs, show_progress="hidden",
                 api_visibility="private")
 
-            pv_inputs = [pv_base, pv_runs, pv_files, pv_weights, prompt, negative, seed, steps, width, height]
+            pv_inputs = [pv_base, pv_runs, pv_files, pv_weights, prompt, negative, seed, steps, width, height, guidance,
+                         sampler]
             for trig in (pv_runs.change, pv_files.change):
                 trig(self.lora_table, inputs=[pv_runs, pv_files, pv_weights], outputs=pv_weights,
                      api_visibility="private", show_progress="hidden")
@@ -761,9 +812,8 @@ class App:
                                api_visibility="private")
             loaded.then(self.poll, inputs=[watch, gr.State(None)], outputs=live_outputs, show_progress="hidden",
                         api_visibility="private")
-            loaded.then(guarded(self.show_dataset),
-                        inputs_kwargs=dict(dataset_name=ds_name, trigger_word=trigger, **check_kw),
-                        outputs=[gallery, check], api_visibility="private", show_progress="hidden")
+            loaded.then(guarded(self.show_dataset), inputs_kwargs=ds_kw, outputs=[gallery, check, ds_items],
+                        api_visibility="private", show_progress="hidden")
             tab_preview.select(self.refresh_preview_runs, inputs=None, outputs=pv_runs, api_visibility="private",
                                show_progress="hidden")
             tab_export.select(self.refresh_export_runs, inputs=ex_run, outputs=ex_run, api_visibility="private",
@@ -775,6 +825,10 @@ class App:
 def build_app(opts: ServerOptions) -> gr.Blocks:
     """The app's ``gr.Blocks`` for these server options (not launched)."""
     return App(opts).build()
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 def runview_log():

@@ -195,7 +195,7 @@ def _add_zip(folder: Path, display: str, src: Path, max_bytes: int, taken: set[s
         budget = max(max_bytes, 1) * 4
         for m in members:
             inner = m.filename.replace("\\", "/")
-            parts = [p for p in inner.split("/") if p]
+            parts = [p for p in inner.split("/") if p and p not in (".", "..")]
             label = f"{display}: {inner}"
             if not parts or any(p.startswith(".") for p in parts) or parts[0] == "__MACOSX":
                 continue  # hidden files and macOS resource forks

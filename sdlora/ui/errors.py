@@ -40,8 +40,9 @@ def _known_errors() -> tuple[tuple[type[BaseException], str], ...]:
 
     out.append((ConfigError, "Invalid setting"))
     for mod, name, title in (("sdlora.data.errors", "DatasetError", "Dataset problem"),
-                             ("sdlora.lora.formats", "LoraFormatError", "LoRA file problem"),
-                             ("sdlora.models.loading", "ModelLoadError", "Base model problem"),
+                             ("sdlora.lora.errors", "LoraFileError", "LoRA file problem"),
+                             ("sdlora.lora.errors", "LoraError", "LoRA problem"),
+                             ("sdlora.models.single_file", "ModelLoadError", "Base model problem"),
                              ("sdlora.train.loop", "TrainingError", "Training problem")):
         try:
             module = __import__(mod, fromlist=[name])

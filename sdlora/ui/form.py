@@ -56,8 +56,16 @@ def form_fields() -> list[dict[str, Any]]:
     return [f for f in TrainConfig.field_info() if f.get("ui", True) and f["name"] not in PAGE_SET]
 
 
+#: Order of the main options on the page (rows of four); main options not listed follow.
+MAIN_ORDER = ("max_train_steps", "network_dim", "conv_dim", "network_preset",
+              "learning_rate", "text_encoder_lr", "train_batch_size", "resolution",
+              "train_text_encoder", "with_prior_preservation", "class_prompt")
+
+
 def main_fields() -> list[dict[str, Any]]:
-    return [f for f in form_fields() if f["group"] == "main"]
+    fields = [f for f in form_fields() if f["group"] == "main"]
+    rank = {name: i for i, name in enumerate(MAIN_ORDER)}
+    return sorted(fields, key=lambda f: rank.get(f["name"], len(rank)))
 
 
 def advanced_fields() -> list[dict[str, Any]]:
@@ -80,27 +88,33 @@ def display_value(info: dict[str, Any], value: Any) -> Any:
 def make_component(info: dict[str, Any]) -> gr.components.Component:
     """A form component for one field: checkbox, dropdown, number or text, with the help as info."""
     name, typ, default = info["name"], info["type"], info["default"]
-    common = dict(label=_label(info), info=info["help"], elem_id=f"cfg-{name}", key=f"cfg-{name}")
+    common = dict(label=_label(info), info=info["help"] + _range_text(info), elem_id=f"cfg-{name}", key=f"cfg-{name}")
     if typ == "bool":
         return gr.Checkbox(value=bool(default), **common)
     if info.get("choices"):
+        # Custom values pass to the config's own check, whose message names the option.
         choices = [(c if c else "(none)", c) for c in info["choices"]]
-        return gr.Dropdown(choices=choices, value=default, **common)
+        return gr.Dropdown(choices=choices, value=default, allow_custom_value=True, **common)
     if typ in ("int", "float"):
-        lo = info.get("min")
-        hi = info.get("max")
-        kw: dict[str, Any] = {}
-        if lo is not None and not info.get("min_exclusive"):
-            kw["minimum"] = lo
-        if hi is not None:
-            kw["maximum"] = hi
+        # No minimum/maximum on the component: the config's check names the option and the range.
         if typ == "int":
-            return gr.Number(value=default, precision=0, step=1, **kw, **common)
-        return gr.Number(value=default, step=_float_step(default), **kw, **common)
+            return gr.Number(value=default, step=1, **common)
+        return gr.Number(value=default, step=_float_step(default), **common)
     if typ == "list":
         return gr.Textbox(value=display_value(info, default), lines=2, max_lines=8,
                           placeholder="one a line", **common)
     return gr.Textbox(value=display_value(info, default), **common)
+
+
+def _range_text(info: dict[str, Any]) -> str:
+    lo, hi = info.get("min"), info.get("max")
+    if info["type"] not in ("int", "float") or (lo is None and hi is None):
+        return ""
+    if lo is not None and hi is not None:
+        return f" ({lo:g} to {hi:g})"
+    if lo is not None:
+        return f" (> {lo:g})" if info.get("min_exclusive") else f" (>= {lo:g})"
+    return f" (<= {hi:g})"
 
 
 def _float_step(default: float) -> float:

@@ -1,0 +1,223 @@
+"""Web app pieces without a server: command line, dataset storage (names, zips, limits), the form."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdlora.train.config import ConfigError, TrainConfig
+from sdlora.ui import datasets as ds
+from sdlora.ui import form
+from sdlora.ui.errors import UIError, message_for
+from sdlora.ui.server import DEFAULT_HOST, DEFAULT_PORT, OptionError, parse_auth, parse_options
+
+
+def _png(path: Path, color=(200, 30, 30), size=(64, 64)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _png_bytes(color=(10, 200, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---- command line ---------------------------------------------------------------------------
+def test_defaults_are_local_and_private(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    o = parse_options([])
+    assert (o.host, o.port, o.share, o.auth) == (DEFAULT_HOST, DEFAULT_PORT, False, None)
+    assert o.host == "127.0.0.1" and o.port == 7860
+    assert o.runs_dir == tmp_path / "runs" and o.models_dir == tmp_path / "models"
+    assert o.allowed_paths() == [str(tmp_path / "runs"), str(tmp_path / "models")]
+
+
+def test_options_parse(tmp_path):
+    o = parse_options(["--host", "0.0.0.0", "--port", "7999", "--runs-dir", str(tmp_path / "r"),
+                       "--models-dir", str(tmp_path / "m"), "--max-upload-mb", "1.5", "--auth", "ann:secret:x",
+                       "--share"])
+    assert (o.host, o.port, o.share) == ("0.0.0.0", 7999, True)
+    assert o.max_upload_bytes == int(1.5 * 1024 * 1024)
+    assert o.auth == [("ann", "secret:x")]
+
+
+def test_auth_file(tmp_path):
+    f = tmp_path / "users.txt"
+    f.write_text("# people\nann:one\n\nbob:two\n")
+    assert parse_auth(str(f)) == [("ann", "one"), ("bob", "two")]
+    f.write_text("ann\n")
+    with pytest.raises(OptionError, match="line 1"):
+        parse_auth(str(f))
+    with pytest.raises(OptionError, match="neither"):
+        parse_auth("no-colon-and-no-file")
+
+
+@pytest.mark.parametrize("args, text", [(["--port", "70000"], "--port"), (["--max-upload-mb", "0"], "--max-upload-mb"),
+                                        (["--auth", "nobody"], "--auth"), (["--bogus"], "unrecognized")])
+def test_bad_options_exit_2_with_one_line(args, text, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_options(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert text in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_runs_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit):
+        parse_options(["--runs-dir", str(f)])
+    assert "--runs-dir" in capsys.readouterr().err
+
+
+# ---- dataset storage ---------------------------------------------------------------------------
+def test_dataset_names_stay_inside(tmp_path):
+    runs = tmp_path / "runs"
+    d = ds.dataset_dir(runs, "../../etc", create=True)
+    assert d == runs / "_datasets" / "etc" and d.is_dir()
+    assert ds.dataset_dir(runs, "my style!").name == "my_style"
+    with pytest.raises(UIError):
+        ds.dataset_dir(runs, "../..")
+    with pytest.raises(UIError):
+        ds.dataset_dir(runs, "   ")
+
+
+def test_upload_names_are_made_safe(tmp_path):
+    folder = tmp_path / "runs" / "_datasets" / "a"
+    src = _png(tmp_path / "up" / "x.png")
+    report = ds.add_files(folder, [("../../evil.png", src), ("..\\..\\win.png", src), (".hidden.png", src)],
+                          max_bytes=10**6)
+    assert sorted(report.added) == ["evil.png", "hidden.png", "win.png"], report
+    assert sorted(p.name for p in folder.iterdir()) == ["evil.png", "hidden.png", "win.png"]
+    assert not (tmp_path / "evil.png").exists() and not (tmp_path / "runs" / "evil.png").exists()
+
+
+def test_upload_refuses_non_images_empty_and_too_large(tmp_path):
+    folder = tmp_path / "ds"
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "empty.png").write_bytes(b"")
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + b"0" * 5000)
+    ok = _png(tmp_path / "ok.png")
+    cap = tmp_path / "ok.txt"
+    cap.write_text("a red square")
+    report = ds.add_files(folder, [(p.name, p) for p in (tmp_path / "notes.pdf", tmp_path / "empty.png", big, ok, cap)],
+                          max_bytes=4000)
+    reasons = dict(report.rejected)
+    assert "not an image" in reasons["notes.pdf"]
+    assert "empty" in reasons["empty.png"]
+    assert "upload limit" in reasons["big.png"]
+    assert sorted(report.added) == ["ok.png", "ok.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["ok.png", "ok.txt"]
+
+
+def test_same_name_twice_in_one_upload_keeps_both(tmp_path):
+    folder = tmp_path / "ds"
+    a, b = _png(tmp_path / "a" / "x.png", (1, 2, 3)), _png(tmp_path / "b" / "x.png", (4, 5, 6))
+    report = ds.add_files(folder, [("x.png", a), ("x.png", b)], max_bytes=10**6)
+    assert report.added == ["x.png", "x-2.png"]
+
+
+def test_zip_entries_cannot_escape_and_bombs_are_stopped(tmp_path):
+    z = tmp_path / "set.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("../../evil.png", _png_bytes())
+        zf.writestr("/abs/path/abs.png", _png_bytes())
+        zf.writestr("sub/dir/one.png", _png_bytes())
+        zf.writestr("sub/dir/one.txt", "a caption")
+        zf.writestr("__MACOSX/sub/._one.png", b"junk")
+        zf.writestr("readme.md", "hello")
+        zf.writestr("huge.png", b"\0" * 300_000)  # compresses to almost nothing
+    folder = tmp_path / "runs" / "_datasets" / "z"
+    report = ds.add_files(folder, [("set.zip", z)], max_bytes=100_000)
+    assert sorted(report.added) == ["abs.png", "evil.png", "one.png", "one.txt"]
+    reasons = {name.split(": ", 1)[1]: r for name, r in report.rejected}
+    assert "not an image" in reasons["readme.md"] and "upload limit" in reasons["huge.png"]
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == sorted(["set.zip"] + [f"runs/_datasets/z/{n}" for n in report.added])
+
+
+def test_broken_zip_is_a_readable_refusal(tmp_path):
+    z = tmp_path / "bad.zip"
+    z.write_bytes(b"PK\x03\x04 not really")
+    report = ds.add_files(tmp_path / "ds", [("bad.zip", z)], max_bytes=10**6)
+    assert report.rejected == [("bad.zip", "not a readable .zip archive")]
+
+
+def test_captions_write_and_remove(tmp_path):
+    folder = tmp_path / "ds"
+    _png(folder / "a.png")
+    ds.write_caption(folder, "a.png", "  a red square ")
+    assert (folder / "a.txt").read_text() == "a red square\n"
+    assert ds.read_caption_text(folder / "a.png") == "a red square"
+    ds.write_caption(folder, "a.png", "")
+    assert not (folder / "a.txt").exists()
+    with pytest.raises(UIError):
+        ds.write_caption(folder, "../a.png", "x")
+    (tmp_path / "outside.png").write_bytes(b"x")
+    with pytest.raises(UIError):
+        ds.remove_image(folder, "../outside.png")
+    assert (tmp_path / "outside.png").exists()
+    ds.remove_image(folder, "a.png")
+    assert not (folder / "a.png").exists()
+
+
+def test_bundled_style_sets_copy(tmp_path):
+    styles = ds.list_style_sets()
+    if not styles:
+        pytest.skip("no bundled style sets in sample_data/styles")
+    n = ds.copy_style_set(styles[0], tmp_path / "copy")
+    assert n > 0 and len(ds.image_files(tmp_path / "copy")) > 0
+    with pytest.raises(UIError, match="not a bundled style set"):
+        ds.copy_style_set("../../etc", tmp_path / "x")
+
+
+# ---- form -------------------------------------------------------------------------------------
+def test_form_is_generated_from_the_config():
+    names = {f["name"] for f in form.form_fields()}
+    info = {f["name"]: f for f in TrainConfig.field_info()}
+    expected = {n for n, f in info.items() if f.get("ui", True)} - set(form.PAGE_SET)
+    assert names == expected
+    main = [f["name"] for f in form.main_fields()]
+    assert {"max_train_steps", "network_dim", "conv_dim", "learning_rate", "text_encoder_lr", "resolution",
+            "train_batch_size", "train_text_encoder", "class_prompt"} <= set(main)
+    assert all(info[n]["group"] == "main" for n in main)
+    assert all(f["group"] != "main" for f in form.advanced_fields())
+
+
+def test_form_values_become_config_values():
+    out = form.settings_from_form({"max_train_steps": 12.0, "learning_rate": "0.001", "train_text_encoder": False,
+                                   "sample_prompts": "a cat\n\n a dog "})
+    assert out == {"max_train_steps": 12, "learning_rate": 0.001, "train_text_encoder": False,
+                   "sample_prompts": ["a cat", "a dog"]}
+    with pytest.raises(ConfigError) as e:
+        form.settings_from_form({"max_train_steps": 2.5})
+    assert e.value.key == "max_train_steps"
+    with pytest.raises(ConfigError) as e:
+        form.settings_from_form({"network_dim": None})
+    assert e.value.key == "network_dim"
+    with pytest.raises(ConfigError):
+        form.settings_from_form({"pretrained_model_name_or_path": "/etc"})
+
+
+def test_presets_fill_training_options_only():
+    choices = [v for _, v in form.available_presets()]
+    assert "custom" in choices
+    if "style" not in choices:
+        pytest.skip("configs/style_sd15.toml is not shipped")
+    values = form.preset_values("style")
+    assert values["network_preset"] == "full"
+    assert not set(values) & (set(form.PAGE_SET) | {"resolution"})
+
+
+def test_error_messages_name_the_setting():
+    title, text = message_for(ConfigError("network_dim", "0 is out of range; must be >= 1"))
+    assert title == "Invalid setting" and "network_dim" in text and "out of range" in text
+    title, text = message_for(RuntimeError("boom"))
+    assert title == "Unexpected error" and "boom" in text and "Traceback" not in text
