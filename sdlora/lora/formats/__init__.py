@@ -144,14 +144,17 @@ def _layer_text(kind: str, fan_in: int, fan_out: int, kernel: tuple[int, int]) -
 
 
 def _expected(role: str, kind: str, fan_in: int, fan_out: int, kernel: tuple[int, int], rank: int) -> list[tuple[int, ...]]:
-    """Shapes a tensor may have for a layer (1x1 convs and Linear layers accept each other's form)."""
+    """Shapes a tensor may have for a layer, the layer's own form first.
+
+    Linear layers and 1x1 convs also accept each other's form (same numbers, other layout).
+    """
     if role == "down":
-        shapes = [(rank, fan_in, *kernel)]
-        if kernel == (1, 1):
-            shapes.append((rank, fan_in))
-    else:
-        shapes = [(fan_out, rank, 1, 1), (fan_out, rank)]
-    return shapes
+        if kind == "linear":
+            return [(rank, fan_in), (rank, fan_in, 1, 1)]
+        return [(rank, fan_in, *kernel)] + ([(rank, fan_in)] if kernel == (1, 1) else [])
+    if kind == "linear":
+        return [(fan_out, rank), (fan_out, rank, 1, 1)]
+    return [(fan_out, rank, 1, 1), (fan_out, rank)]
 
 
 def _base_label(unet: nn.Module | None, text_encoder: nn.Module | None) -> str:
@@ -262,7 +265,7 @@ def match_to_model(
             alpha = float("nan")  # filled below (diffusers metadata, or alpha = rank)
             diffusers_ranks[component][canonical] = rank
         down = down.float().reshape(_expected("down", kind, fan_in, fan_out, kernel, rank)[0])
-        up = up.float().reshape(fan_out, rank, 1, 1) if kind == "conv" else up.float().reshape(fan_out, rank)
+        up = up.float().reshape(_expected("up", kind, fan_in, fan_out, kernel, rank)[0])
         weights.component(component)[canonical] = ModuleLora(down=down, up=up, alpha=alpha)
 
     for component, ranks in diffusers_ranks.items():
