@@ -9,6 +9,7 @@ safe in the middle of training.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -192,7 +193,9 @@ def delete(models: Models, name: str) -> None:
             layer.unmerge()  # type: ignore[attr-defined]
         if name in layer.r:  # type: ignore[attr-defined]
             remaining = [n for n in layer.active_adapters if n != name]  # type: ignore[attr-defined]
-            with _keep_requires_grad(layer):
+            with _keep_requires_grad(layer), warnings.catch_warnings():
+                # PEFT warns when the deleted adapter was active; we pick the remaining ones ourselves.
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
                 layer.delete_adapter(name)  # type: ignore[attr-defined]
                 if remaining:
                     layer.set_adapter(remaining)  # type: ignore[attr-defined]
