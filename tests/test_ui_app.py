@@ -234,7 +234,7 @@ def test_train_preview_export_round_trip(app, client, tiny_spec, tmp_path):
     assert not (app.runs_dir / "ui-run-2").exists()
 
     # Preview: scale 0 is exactly the base model; scale 1 differs.
-    kw = dict(base_model=tiny_spec, lora_runs=["ui-run"], lora_files=None, lora_weights=None, prompt="stripes, in zq style",
+    kw = dict(base_model=tiny_spec, lora_runs=["ui-run"], lora_files=None, prompt="stripes, in zq style",
               negative_prompt="", seed=3, steps=4, width=64, height=64, guidance=5.0, sampler="Euler")
     base_only = np.asarray(Image.open(client.predict(**{**kw, "lora_runs": []}, scale=1.0, api_name="/preview")))
     at0 = np.asarray(Image.open(client.predict(**kw, scale=0.0, api_name="/preview")))

@@ -59,7 +59,9 @@ class App:
     def _dataset_view(self, folder: Path, trigger_word: str, check: dict[str, Any],
                       refused: Sequence[str] = ()) -> DatasetView:
         """Scan the dataset with the training loader's own check and render gallery and report."""
-        from ..data import BucketConfig, CaptionConfig, NoUsableImagesError, scan_dataset
+        from ..data import NoUsableImagesError, scan_dataset
+        from ..train import data_glue
+        from ..train.config import ConfigError, TrainConfig
 
         parts = ['<div class="sdl-check" id="sdl-check">']
         problems = list(refused)
@@ -85,22 +87,19 @@ class App:
             names.append(name)
         warnings = list(scan.warnings)
         if usable:
+            # Buckets and captions exactly as the trainer builds them from these settings.
+            cfg = TrainConfig.from_dict(dict(values, trigger_word=(trigger_word or "").strip(),
+                                             train_data_dir=str(folder)), validate=False)
             bucket_text = ""
             buckets: Any = None
             try:
-                buckets = BucketConfig(
-                    resolution=values.get("resolution", 512), min_bucket_reso=values.get("min_bucket_reso", 256),
-                    max_bucket_reso=values.get("max_bucket_reso", 1024),
-                    bucket_reso_steps=values.get("bucket_reso_steps", 64),
-                    bucket_no_upscale=values.get("bucket_no_upscale", False),
-                    enable_bucket=values.get("enable_bucket", True))
+                buckets = data_glue.bucket_config(cfg)
             except ValueError as e:
                 bucket_text = f'<span class="bad">The bucket settings are invalid: {esc(e)}</span>'
             captions = None
             try:
-                captions = CaptionConfig(template=values.get("caption_template", "{caption}"),
-                                         trigger=trigger_word or "")
-            except ValueError as e:
+                captions = data_glue.caption_config(cfg)
+            except (ValueError, ConfigError) as e:
                 problems.append(str(e))
             summary = scan.summary(buckets if buckets is not None else 512, captions)
             warnings = summary.get("warnings", warnings)
@@ -406,7 +405,8 @@ class App:
             raise UIError(f"Guidance ({guidance!r}) is not a number.", title="Invalid value") from None
         if not 0 <= guidance_f <= 30:
             raise UIError(f"Guidance {guidance_f:g} is outside 0 to 30.", title="Invalid value")
-        kw = dict(prompt=prompt, negative_prompt=negative_prompt or "", seed=_int(seed, "seed", 0),
+        # Lists for both: the pipeline wants the negative prompt of the same type as the prompt.
+        kw = dict(prompt=[prompt], negative_prompt=[negative_prompt or ""], seed=_int(seed, "seed", 0),
                   steps=_int(steps, "steps", 1, 150), width=_int(width, "width", 64, 2048),
                   height=_int(height, "height", 64, 2048), guidance=guidance_f, scheduler=sampler)
         for k in ("width", "height"):
