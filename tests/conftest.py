@@ -6,10 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+# The tiny models run as fast on one thread, and tests start trainer / app subprocesses beside
+# the test process: one thread each avoids OpenMP oversubscription, which slows torch by 10x or more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 

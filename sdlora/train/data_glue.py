@@ -197,6 +197,7 @@ class TrainData:
         except ValueError as e:
             raise ConfigError("train_data_dir", f"the training images changed since the checkpoint: {e}") from None
         self.class_position = int(state.get("class_position", 0))
+        self.position = None
         self._iter = iter(())
 
 

@@ -210,11 +210,11 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         accelerator.backward(out.loss)
         return out
 
+    params = [p for g in param_groups for p in g["params"]]
     peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32, accelerator.device.type)
-    flops_per_step: float | None = None
+    flops_per_step = _measure_step_flops(micro_step, data, params, optimizer) * cfg.gradient_accumulation_steps
     times: list[float] = []
     step = start_step
-    params = [p for g in param_groups for p in g["params"]]
     while step < cfg.max_train_steps:
         t0 = time.perf_counter()
         losses, prior_losses = [], []
@@ -223,13 +223,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
             final = micro == cfg.gradient_accumulation_steps - 1
             sync = contextlib.nullcontext() if final or not multi else accelerator.no_sync(train_unet)
             with sync:
-                if flops_per_step is None:
-                    box: dict[str, Any] = {}
-                    flops_per_step = count_flops(lambda: box.setdefault("out", micro_step(batch)))
-                    flops_per_step *= cfg.gradient_accumulation_steps
-                    out = box["out"]
-                else:
-                    out = micro_step(batch)
+                out = micro_step(batch)
             losses.append(out.loss_instance)
             if out.loss_prior is not None:
                 prior_losses.append(out.loss_prior)
@@ -306,6 +300,28 @@ def _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelera
         log.emit(Checkpoint(step=step, path=str(path)))
     accelerator.wait_for_everyone()
     return path
+
+
+def _measure_step_flops(micro_step, data, params, optimizer) -> float:
+    """FLOPs of one micro-step (forward + backward), measured on a step that leaves no trace.
+
+    The counting mode can route some ops through other kernels, so it runs on a copy of the next
+    batch before training and everything it touched (gradients, RNG, data position) is put back:
+    the training steps themselves are the same whether a run is fresh or resumed.
+    """
+    from .checkpoint import rng_state, set_rng_state
+
+    data_state, rng, torch_rng = data.state_dict(), rng_state(), torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    try:
+        batch = data.next_batch()
+        return float(count_flops(lambda: micro_step(batch)))
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
+        data.load_state_dict(data_state)
+        set_rng_state(rng, torch_rng, cuda_rng)
 
 
 def _all_agree(flag: bool, accelerator) -> bool:
