@@ -15,6 +15,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
 
 import torch
@@ -86,12 +87,17 @@ class _Entry:
 class Previewer:
     """Generate previews from one loaded pipeline with any mix of adapters at any scale.
 
-    ``pipe`` is a diffusers ``StableDiffusionPipeline`` (or an object with a ``.pipe`` attribute,
-    such as ``sdlora.models.loading.BaseModel``). The effective multiplier of adapter ``n`` is
+    ``pipe`` is a diffusers ``StableDiffusionPipeline``, an object with a ``.pipe`` attribute (such
+    as ``sdlora.models.loading.BaseModel``), or a base-model spec for ``load_base`` (a hub id, a
+    diffusers folder, a single file, "tiny"; None = the bundled demo model). The effective multiplier of adapter ``n`` is
     ``scale * weight[n]``; ``scale`` 0 gives the base model exactly, negative values are allowed.
     """
 
-    def __init__(self, pipe: Any) -> None:
+    def __init__(self, pipe: Any = None) -> None:
+        if pipe is None or isinstance(pipe, (str, os.PathLike)):
+            from .models.loading import load_base  # a base-model spec: hub id, folder, file, "tiny", None = demo
+
+            pipe = load_base(pipe)
         pipe = getattr(pipe, "pipe", pipe)
         for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if getattr(pipe, part, None) is None:
@@ -104,6 +110,7 @@ class Previewer:
         self._enabled = True
         self._merged = False
         self.reports: dict[str, LoadReport] = {}
+        self._files: dict[tuple, str] = {}  # (resolved path, mtime, size) -> adapter name, for set_loras
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
 
@@ -163,6 +170,32 @@ class Previewer:
         self.reports[adapter.name] = report
         return adapter.name
 
+    def set_loras(self, items: Iterable[tuple[str | os.PathLike[str], float]]) -> list[str]:
+        """Use exactly these (file, weight) pairs; returns their adapter names in order.
+
+        Files already loaded (same resolved path, unchanged on disk) only get their new weight;
+        files no longer listed are removed from the models; adapters not loaded from files
+        (e.g. a training adapter) are left alone.
+        """
+        wanted = []
+        for path, weight in items:
+            _check_number("weight", weight)
+            resolved = Path(path).expanduser().resolve()
+            stat = resolved.stat() if resolved.is_file() else None
+            wanted.append(((str(resolved), stat.st_mtime_ns if stat else None, stat.st_size if stat else None), path, float(weight)))
+        keep = {key for key, _, _ in wanted}
+        for key, name in list(self._files.items()):
+            if key not in keep:
+                self.remove(name)
+        names = []
+        for key, path, weight in wanted:
+            if key in self._files:
+                self.set_weight(self._files[key], weight)
+            else:
+                self._files[key] = self.load_lora(path, weight)
+            names.append(self._files[key])
+        return names
+
     def use_adapter(self, name: str, weight: float = 1.0) -> None:
         """Preview an adapter that is already in the models (e.g. injected by training)."""
         _check_number("weight", weight)
@@ -189,6 +222,7 @@ class Previewer:
         if entry is None:
             raise LoraError(f"No adapter {name!r} in this previewer; adapters: {list(self._entries) or 'none'}.")
         self.reports.pop(name, None)
+        self._files = {k: v for k, v in self._files.items() if v != name}
         if entry.from_file:
             control.delete(self._models, name)
         if not self._entries:
@@ -315,14 +349,17 @@ class Previewer:
                 m.train(was_training)
         return result.images
 
-    def scale_grid(self, scales: Iterable[float], prompt: str, **kwargs: Any) -> list[tuple[float, Any]]:
-        """One image per scale, same seed and settings; the previewer's scale is left unchanged."""
+    def scale_grid(self, scales: Iterable[float], prompt: str | Sequence[str], **kwargs: Any) -> list[Any]:
+        """One image per scale (in the order given), same seed and settings.
+
+        The previewer's own scale is left unchanged. Pass the images with
+        ``labels=[f"{s:g}" for s in scales]`` to :func:`image_grid` for a single picture.
+        """
         kept = self._scale
         out = []
         try:
             for s in scales:
-                images = self.generate(prompt, scale=s, **{**kwargs, "num_images": 1})
-                out.append((float(s), images[0]))
+                out.append(self.generate(prompt, scale=s, **{**kwargs, "num_images": 1})[0])
         finally:
             self._scale = kept
         return out

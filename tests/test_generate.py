@@ -47,13 +47,12 @@ def test_live_training_adapter_scale_grid_leaves_training_state_alone(tiny_pipe)
 
     previewer = Previewer(tiny_pipe)
     previewer.use_adapter(adapter.name)
-    grid = previewer.scale_grid([0.0, 0.5, 1.0, -1.0], PROMPT, seed=5, **FAST)
+    images = previewer.scale_grid([0.0, 0.5, 1.0, -1.0], PROMPT, seed=5, **FAST)
     previewer.disable()
     base = previewer.generate(PROMPT, seed=5, **FAST)
     previewer.enable()
 
-    assert [s for s, _ in grid] == [0.0, 0.5, 1.0, -1.0]
-    images = [img for _, img in grid]
+    assert len(images) == 4
     assert np.array_equal(images[0], base[0])  # scale 0 is the base model exactly
     for a in range(4):
         for b in range(a + 1, 4):

@@ -19,6 +19,8 @@ from .formats import (
     LoadReport,
     UnknownKeysWarning,
     convert_lora_file,
+    export_from,
+    format_inspection,
     inspect_file,
     load_lora,
     match_to_model,
@@ -29,7 +31,7 @@ from .inject import LoraAdapter, apply_weights, inject_adapters, safe_adapter_na
 from .spec import LoraSpec
 from .targets import PRESETS, plan_targets, preset_names
 from .variants import AdapterMethod, get_method, method_names
-from .weights import LoraWeights, ModuleLora
+from .weights import LoraWeights, ModuleLora, resize_rank
 
 __all__ = [
     "FORMATS",
@@ -47,6 +49,8 @@ __all__ = [
     "apply_weights",
     "control",
     "convert_lora_file",
+    "export_from",
+    "format_inspection",
     "get_method",
     "inject_adapters",
     "inspect_file",
@@ -56,6 +60,7 @@ __all__ = [
     "plan_targets",
     "preset_names",
     "read_lora_file",
+    "resize_rank",
     "safe_adapter_name",
     "save_lora",
 ]

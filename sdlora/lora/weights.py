@@ -91,3 +91,43 @@ class LoraWeights:
             self.method,
             dict(self.info),
         )
+
+
+def resize_rank(weights: LoraWeights, rank: int) -> LoraWeights:
+    """The best rank-``rank`` approximation of every layer's delta (truncated SVD), same scale.
+
+    Written for this project: the SVD is taken of the small core of ``up @ down`` (after QR of
+    both factors), so re-ranking a full SD 1.5 LoRA takes well under a second.
+
+    Layers whose rank is already <= ``rank`` are kept as they are. Each new pair keeps the
+    layer's ``alpha / rank`` scale, so the file's alpha semantics stay as before. ``dora_scale``
+    cannot be carried through a change of rank and is refused.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a whole number >= 1, got {rank!r}")
+
+    def resize(m: ModuleLora) -> ModuleLora:
+        if m.dora_scale is not None:
+            raise ValueError("DoRA weights cannot be resized (their magnitude depends on the full delta)")
+        if m.rank <= rank:
+            return m
+        scale = m.scale
+        out_features = m.up.shape[0]
+        # SVD of up @ down through QR of the thin factors: O((in + out) r^2), not O(in * out * min).
+        q_up, r_up = torch.linalg.qr(m.up.double().reshape(out_features, m.rank))
+        q_down, r_down = torch.linalg.qr(m.down.double().reshape(m.rank, -1).T)
+        u_small, s, vh_small = torch.linalg.svd(r_up @ r_down.T)
+        root = s[:rank].sqrt()
+        up = ((q_up @ u_small[:, :rank]) * root).float()
+        down = (root[:, None] * (vh_small[:rank] @ q_down.T)).float()
+        new_alpha = scale * rank
+        if m.is_conv:
+            return ModuleLora(down.reshape(rank, *m.down.shape[1:]), up.reshape(out_features, rank, 1, 1), new_alpha)
+        return ModuleLora(down, up, new_alpha)
+
+    return LoraWeights(
+        {k: resize(v) for k, v in weights.unet.items()},
+        {k: resize(v) for k, v in weights.text_encoder.items()},
+        weights.method,
+        {**weights.info, "resized_to_rank": rank},
+    )

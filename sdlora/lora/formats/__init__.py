@@ -7,7 +7,8 @@ Public API::
     match_to_model(lora_file, unet, text_encoder) -> (LoraWeights, unknown_keys)
     load_lora(path, unet, text_encoder, adapter_name=None) -> (LoraAdapter, LoadReport)
     convert_lora_file(src, dst, to=..., unet=..., text_encoder=...)
-    inspect_file(path) -> dict
+    export_from(run_dir_or_file, fmt=..., out=..., step=..., rank=...) -> Path
+    inspect_file(path) -> dict ; format_inspection(info) -> str
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..inject import LoraAdapter, apply_weights, safe_adapter_name
 from ..targets import Component, base_layer, describe_layer, iter_adaptable, model_path
 from ..weights import LoraWeights, ModuleLora
 from . import diffusers_format, kohya
-from .inspect import detect_format, file_entries, guess_family, inspect_file
+from .inspect import detect_format, file_entries, format_inspection, guess_family, inspect_file
 from .io import DIFFUSERS_WEIGHT_NAME, atomic_save, read_metadata, read_safetensors, resolve_lora_path
 
 Format = Literal["kohya", "diffusers"]
@@ -352,8 +353,14 @@ def convert_lora_file(
     return out, unknown
 
 
+from .export import export_from, meta_models, weights_from_checkpoint  # noqa: E402  (uses the names above)
+
 __all__ = [
     "FORMATS",
+    "export_from",
+    "format_inspection",
+    "meta_models",
+    "weights_from_checkpoint",
     "LoadReport",
     "LoraFile",
     "UnknownKeysWarning",

@@ -76,10 +76,12 @@ def guess_family(entries: Mapping[str, Mapping[str, Any]], metadata: Mapping[str
         dim = cross.most_common(1)[0][0]
         if dim in widths:
             return widths[dim], f"UNet cross-attention input width is {dim}"
+        return "unknown", f"UNet cross-attention input width is {dim}, not that of SD 1.x, 2.x or XL"
     if te_width:
         dim = te_width.most_common(1)[0][0]
         if dim in (768, 1024):
             return widths[dim], f"text-encoder width is {dim}"
+        return "unknown", f"text-encoder width is {dim}, not that of SD 1.x, 2.x or XL"
     version = metadata.get("ss_base_model_version", "")
     arch = metadata.get("modelspec.architecture", "")
     if version.startswith("sdxl") or "-xl-" in arch:
@@ -228,3 +230,41 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         "stray_keys": stray,
         "metadata": decoded,
     }
+
+
+def format_inspection(info: Mapping[str, Any]) -> str:
+    """A human-readable report of :func:`inspect_file`'s result (for ``sdlora inspect``)."""
+    families = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "unknown"}
+    lines = [
+        f"file:         {info['path']} ({info['file_size'] / 1e6:.2f} MB, {info['num_tensors']} tensors, {', '.join(info['dtypes']) or '-'})",
+        f"format:       {info['format']}",
+        f"network:      {info['network_type']}" + (f" ({info['network_module']})" if info.get("network_module") else ""),
+        f"method:       {info['method']}",
+        f"base model:   {families.get(info['base_family'], info['base_family'])} ({info['base_family_reason']})",
+        "modules:      " + ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in info["modules"].items()),
+        f"layers:       {info['layers']['linear']} Linear, {info['layers']['conv2d']} Conv2d "
+        f"({info['layers']['conv2d_3x3']} with 3x3 kernels)",
+        f"rank / alpha: {info['rank']} / {info['alpha']:g}" if info.get("alpha") is not None else f"rank:         {info['rank']}",
+    ]
+    if len(info.get("ranks", [])) > 1 or len(info.get("alphas", [])) > 1:
+        lines.append(f"              all ranks {info['ranks']}, all alphas {[float(f'{a:g}') for a in info['alphas']]}")
+    if info.get("network_args"):
+        lines.append(f"network args: {json.dumps(info['network_args'])}")
+    lines.append("blocks:")
+    for name, block in info["blocks"].items():
+        ranks = ",".join(str(r) for r in block["ranks"])
+        alphas = ",".join(f"{a:g}" for a in block["alphas"])
+        lines.append(f"  {name:28s} {block['modules']:4d} modules  rank {ranks:8s} alpha {alphas}")
+    if info.get("stray_keys"):
+        lines.append(f"keys of no LoRA module ({len(info['stray_keys'])}): {', '.join(info['stray_keys'][:5])}")
+    meta = info.get("metadata") or {}
+    shown = [k for k in sorted(meta) if k.startswith(("ss_", "modelspec.", "sdlora_")) and k != "ss_tag_frequency"]
+    if shown:
+        lines.append("metadata:")
+        for key in shown:
+            value = meta[key]
+            text = value if isinstance(value, str) else json.dumps(value)
+            lines.append(f"  {key:34s} {text if len(text) <= 100 else text[:97] + '...'}")
+    if "ss_tag_frequency" in meta:
+        lines.append("  ss_tag_frequency                   (present; see --json)")
+    return "\n".join(lines)

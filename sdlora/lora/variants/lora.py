@@ -8,8 +8,9 @@ fresh adapter leaves every output bit-identical.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ..errors import LoraError
 from ..spec import LoraSpec
 from ..targets import TargetPlan
 from ..weights import ModuleLora
@@ -19,12 +20,44 @@ if TYPE_CHECKING:  # pragma: no cover
     from peft import LoraConfig
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from ..inject import LoraAdapter
+
 
 class PlainLora(AdapterMethod):
     name = "lora"
     title = "LoRA"
     description = "Low-rank adapters on attention/MLP Linear layers and (preset 'full') Conv2d layers."
     kohya_network_module = "networks.lora"
+    #: LoRA+ (Hayou et al. 2024): ``up`` (PEFT's lora_B) trains at ``ratio`` x the learning rate
+    option_names = frozenset({"loraplus_lr_ratio"})
+
+    def validate(self, spec: LoraSpec) -> None:
+        super().validate(spec)
+        ratio = spec.options.get("loraplus_lr_ratio")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 0):
+            raise LoraError(f"LoRA option 'loraplus_lr_ratio' must be a number >= 0 (0 = off), got {ratio!r}.")
+
+    def param_groups(
+        self,
+        adapter: "LoraAdapter",
+        *,
+        unet_lr: float,
+        text_encoder_lr: float | None = None,
+        weight_decay: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        """One group per component; with LoRA+ each component splits into ``down`` and ``up`` groups."""
+        ratio = float(adapter.spec.options.get("loraplus_lr_ratio") or 0.0)
+        groups = super().param_groups(adapter, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr, weight_decay=weight_decay)
+        if not ratio:
+            return groups
+        split: list[dict[str, Any]] = []
+        for group in groups:
+            up_ids = {id(p) for name, p in adapter.named_parameters(group["name"]) if ".lora_B." in f".{name}"}
+            down = [p for p in group["params"] if id(p) not in up_ids]
+            up = [p for p in group["params"] if id(p) in up_ids]
+            split.append({**group, "name": f"{group['name']}.down", "params": down})
+            split.append({**group, "name": f"{group['name']}.up", "params": up, "lr": group["lr"] * ratio})
+        return split
 
     def build_config(self, plan: TargetPlan, spec: LoraSpec) -> "LoraConfig":
         from peft import LoraConfig

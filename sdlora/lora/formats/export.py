@@ -1,0 +1,174 @@
+"""Export a run's LoRA (final file or a checkpoint) or any LoRA file to either layout, optionally
+at a lower rank, without loading a base model.
+
+File layouts name layers in ways that need the model's module tree to resolve (kohya names turn
+``.`` into ``_``). Instead of loading weights, the UNet and text encoder of the file's model family
+are built on the meta device from the configs shipped in ``sdlora/models/configs`` (no memory,
+about a second).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import LoraFileError
+from ..targets import Component
+from ..weights import LoraWeights, ModuleLora, resize_rank
+from . import diffusers_format
+from .inspect import file_entries, guess_family
+
+_CONFIGS = Path(__file__).resolve().parents[2] / "models" / "configs"
+
+
+def meta_models(family: str, prediction_type: str = "epsilon"):
+    """(UNet, text encoder) of an SD family on the meta device, from the shipped configs."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = {"sd1": "sd1", "sd2": "sd2_v" if prediction_type in ("v", "v_prediction") else "sd2"}.get(family)
+    if folder is None or not (_CONFIGS / folder / "unet" / "config.json").is_file():
+        raise LoraFileError(
+            f"Cannot resolve layer names for model family {family!r}: only SD 1.x and SD 2.x are supported."
+        )
+    unet_config = json.loads((_CONFIGS / folder / "unet" / "config.json").read_text())
+    text_config = json.loads((_CONFIGS / folder / "text_encoder" / "config.json").read_text())
+    unet_config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+    text_config = {k: v for k, v in text_config.items() if not k.startswith("_") and k != "architectures"}
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    return unet, text_encoder
+
+
+def _family_of(metadata: Mapping[str, str], entries: Mapping[str, Any]) -> tuple[str, str]:
+    family, _ = guess_family(entries, metadata)
+    version = metadata.get("ss_base_model_version", "")
+    pred = metadata.get("modelspec.prediction_type") or ("v" if version.endswith("_v") else "epsilon")
+    return family, pred
+
+
+def weights_from_checkpoint(state: Mapping[str, torch.Tensor], spec) -> LoraWeights:
+    """Plain weights from an adapter checkpoint (``LoraAdapter.state_dict()``) of the ``lora`` method.
+
+    Ranks come from the shapes, alphas from ``spec`` (a ``LoraSpec``) the way injection assigns
+    them: Linear and 1x1 layers ``alpha``, larger Conv2d kernels ``conv_alpha``, the text encoder
+    ``text_encoder_alpha``; rsLoRA alphas become plain ones (``alpha * sqrt(r)``).
+    """
+    if spec.method != "lora":
+        raise LoraFileError(
+            f"Checkpoints of method {spec.method!r} are exported by loading them into the base model "
+            "(its export hook); export the run's final LoRA file instead."
+        )
+    parts: dict[tuple[Component, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        split = diffusers_format.split_key(key)
+        if split is None or split[0] is None or split[2] not in ("down", "up"):
+            raise LoraFileError(f"Unexpected key {key!r} in the adapter checkpoint.")
+        component, path, role = split
+        parts.setdefault((component, path), {})[role] = tensor
+    weights = LoraWeights(method="lora", info={"preset": spec.preset, "spec": spec.to_dict()})
+    for (component, path), tensors in sorted(parts.items()):
+        down, up = tensors["down"].float(), tensors["up"].float()
+        rank = down.shape[0]
+        big_kernel = down.ndim == 4 and tuple(down.shape[2:]) != (1, 1)
+        if component == "text_encoder":
+            alpha = spec.effective_text_encoder_alpha
+        else:
+            alpha = spec.effective_conv_alpha if big_kernel else spec.linear_alpha
+        if spec.rslora:
+            alpha = alpha * rank**0.5
+        weights.component(component)[path] = ModuleLora(down=down, up=up, alpha=float(alpha))
+    return weights
+
+
+def export_from(
+    source: str | os.PathLike[str],
+    *,
+    fmt: str = "kohya",
+    out: str | os.PathLike[str] | None = None,
+    step: int | None = None,
+    rank: int | None = None,
+    dtype: str | torch.dtype | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``source`` as a ``fmt`` ("kohya" / "diffusers") LoRA file and return its path.
+
+    ``source`` is a LoRA file, or a run directory (``runs/<name>``): its final
+    ``<name>.safetensors``, or with ``step`` the adapter of ``checkpoints/step-<step>``.
+    ``rank`` re-ranks every layer above it by truncated SVD of its delta. ``out`` defaults to
+    ``<source folder>/exports/<name>[-step<N>][-r<rank>][-diffusers].safetensors``. The kohya
+    ``ss_*`` metadata of the source file is carried over.
+    """
+    from . import match_to_model, read_lora_file, save_lora
+
+    src = Path(source).expanduser()
+    carried: dict[str, Any] = {}
+    family, pred = "sd1", "epsilon"
+    title = src.stem
+    if src.is_dir() and step is not None:
+        from ...train.loop import lora_spec  # the run's adapter settings, from its config
+        from ...train.runs import RunDir
+
+        run = RunDir(src)
+        checkpoint = run.checkpoints_dir / f"step-{int(step)}" / "adapter.safetensors"
+        if not checkpoint.is_file():
+            available = sorted(p.name for p in run.checkpoints_dir.glob("step-*")) if run.checkpoints_dir.is_dir() else []
+            raise LoraFileError(f"Run {src} has no checkpoint step-{step}; available: {available or 'none'}.")
+        from .io import read_safetensors
+
+        state, _ = read_safetensors(checkpoint)
+        weights = weights_from_checkpoint(state, lora_spec(run.load_config()))
+        title = run.name
+        final = run.lora_path
+        if final.is_file():
+            final_file = read_lora_file(final)
+            carried = {k: v for k, v in final_file.metadata.items() if k.startswith("ss_") and not k.startswith("ss_network_")}
+            carried["ss_steps"] = str(step)
+            family, pred = _family_of(final_file.metadata, file_entries(final_file.tensors, final_file.format)[0])
+        else:
+            family, pred = guess_family(file_entries(state, "diffusers")[0], {})[0], "epsilon"
+        family = family if family in ("sd1", "sd2") else "sd1"
+    else:
+        if src.is_dir():
+            from ...train.runs import RunDir
+
+            run = RunDir(src)
+            if not run.lora_path.is_file():
+                raise LoraFileError(f"Run {src} has no final LoRA ({run.lora_path.name}); pick one of its checkpoints.")
+            src = run.lora_path
+        file = read_lora_file(src)
+        family, pred = _family_of(file.metadata, file_entries(file.tensors, file.format)[0])
+        if family not in ("sd1", "sd2"):
+            raise LoraFileError(f"{src} is a LoRA for {family}; only SD 1.x and SD 2.x files can be exported here.")
+        unet, text_encoder = meta_models(family, pred)
+        weights, unknown = match_to_model(file, unet, text_encoder)
+        if unknown:
+            raise LoraFileError(f"{src}: {len(unknown)} key(s) match no {family} layer (e.g. {unknown[0]}); not exporting a partial file.")
+        weights.method = file.metadata.get("sdlora_method", "lora")
+        if file.metadata.get("sdlora_preset"):
+            weights.info["preset"] = file.metadata["sdlora_preset"]
+        carried = {k: v for k, v in file.metadata.items() if k.startswith("ss_") and not k.startswith("ss_network_")}
+        title = file.metadata.get("modelspec.title") or src.stem
+        if dtype is None:  # keep the source file's precision
+            dtypes = {t.dtype for t in file.tensors.values() if t.ndim > 0}
+            dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "fp32"
+    if rank:
+        weights = resize_rank(weights, int(rank))
+    if out is None:
+        folder = src if src.is_dir() else src.parent
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", src.name if src.is_dir() else src.stem).strip("._") or "lora"
+        suffix = (f"-step{step}" if step is not None else "") + (f"-r{rank}" if rank else "")
+        suffix += "-diffusers" if fmt == "diffusers" else ""
+        out = folder / "exports" / f"{stem}{suffix}.safetensors"
+    carried.update(dict(metadata or {}))
+    return save_lora(
+        weights, out, format=fmt, metadata=carried if fmt == "kohya" else metadata,  # type: ignore[arg-type]
+        family=family, prediction_type=pred, title=title, dtype=dtype or "fp16",
+    )
