@@ -69,6 +69,7 @@ class Batch:
     text_embeddings: torch.Tensor | None
     is_prior: torch.Tensor | None
     position: tuple[int, int] | None
+    sample_ids: list[int]
 
 
 class TrainData:
@@ -100,6 +101,7 @@ class TrainData:
             self.class_buckets = class_ds.bucket_of_index
         self.position: tuple[int, int] | None = None
         self.class_position = 0
+        self.drawn = 0  # global batches drawn so far: numbers every sample for its noise
 
     def _cached(self, dataset, cache_text: bool, key: str, cache_dir: Path | None, log: EventLog, what: str):
         encode_image = _vae_encoder(self.base) if self.cfg.cache_latents else None
@@ -135,7 +137,10 @@ class TrainData:
             keys = next(self._iter)
         want = self.cfg.train_batch_size * self.world
         keys = [keys[i % len(keys)] for i in range(want)]  # pad a short last batch so every process gets one
-        mine = keys[self.rank * self.cfg.train_batch_size:(self.rank + 1) * self.cfg.train_batch_size]
+        lo, hi = self.rank * self.cfg.train_batch_size, (self.rank + 1) * self.cfg.train_batch_size
+        mine = keys[lo:hi]
+        sample_ids = [2 * (self.drawn * want + i) for i in range(lo, hi)]
+        self.drawn += 1
         batch = collate_batch([self.source[k] for k in mine])
         self.position = (mine[0].epoch, mine[0].batch)
         latents = batch["latents"] if "latents" in batch else self._encode_pixels(batch["pixel_values"])
@@ -149,8 +154,9 @@ class TrainData:
             if text is not None and c_text is not None:
                 text = torch.cat([text, c_text])
             is_prior = torch.tensor([False] * len(mine) + [True] * len(c_captions), device=self.device)
+            sample_ids += [i + 1 for i in sample_ids]  # odd ids: the class images
         return Batch(latents.to(self.device), captions, text.to(self.device) if text is not None else None, is_prior,
-                     self.position)
+                     self.position, sample_ids)
 
     def _class_batch(self, shape, n: int):
         """``n`` class images in the same bucket as the instance batch (cycled in a fixed order)."""
@@ -189,7 +195,8 @@ class TrainData:
 
     # ---- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(after=self.position), "class_position": self.class_position}
+        return {"sampler": self.sampler.state_dict(after=self.position), "class_position": self.class_position,
+                "drawn": self.drawn}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
@@ -197,6 +204,7 @@ class TrainData:
         except ValueError as e:
             raise ConfigError("train_data_dir", f"the training images changed since the checkpoint: {e}") from None
         self.class_position = int(state.get("class_position", 0))
+        self.drawn = int(state.get("drawn", 0))
         self.position = None
         self._iter = iter(())
 
@@ -265,7 +273,8 @@ def ensure_class_images(cfg: TrainConfig, base, log: EventLog, accelerator) -> l
         for i in range(missing):
             n = start + i
             img = prev.generate(cfg.class_prompt, seed=cfg.seed * 100003 + n, steps=cfg.sample_steps,
-                                guidance=cfg.sample_guidance, scheduler=cfg.sample_sampler)[0]
+                                guidance=cfg.sample_guidance, scheduler=cfg.sample_sampler,
+                                width=cfg.resolution, height=cfg.resolution)[0]
             with atomic_path(folder / f"class-{n:05d}.png", suffix=".png") as tmp:
                 img.save(tmp, format="PNG")
             log.emit(Message("generating class images", i + 1, missing))
@@ -305,7 +314,8 @@ def make_samples(cfg: TrainConfig, base, run, step: int, log: EventLog) -> list[
     prompts = sample_prompts(cfg)
     for i, prompt in enumerate(prompts):
         img = prev.generate(prompt, negative_prompt=cfg.sample_negative_prompt or None, seed=cfg.sample_seed + i,
-                            steps=cfg.sample_steps, guidance=cfg.sample_guidance, scheduler=cfg.sample_sampler)[0]
+                            steps=cfg.sample_steps, guidance=cfg.sample_guidance, scheduler=cfg.sample_sampler,
+                            width=cfg.resolution, height=cfg.resolution)[0]
         path = run.samples_dir / f"step-{step:06d}-{i}.png"
         with atomic_path(path, suffix=".png") as tmp:
             img.save(tmp, format="PNG")

@@ -100,6 +100,8 @@ class Done(Event):
     step: int
     lora_path: str
     seconds: float
+    processes: int = 1
+    adapter_digests: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.type = "done"

@@ -22,7 +22,7 @@ from .config import ConfigError, TrainConfig
 from .events import Callback, Checkpoint, Done, EventLog, Failed, Message, Start, Step, Stopped, Warning_
 from .perf import count_flops, matmul_peak_flops, resolve_precision
 from .runs import RunDir
-from .step import diffusion_loss
+from .step import diffusion_loss, sample_noise
 
 
 class TrainingError(RuntimeError):
@@ -203,10 +203,12 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
 
     def micro_step(batch) -> Any:
         hidden = data.encode_prompts(batch, train_te)
+        noise, timesteps = sample_noise(batch.latents, batch.sample_ids, cfg.seed,
+                                        noise_scheduler.config.num_train_timesteps, cfg.noise_offset)
         with accelerator.autocast():
-            out = diffusion_loss(train_unet, batch.latents, hidden, noise_scheduler,
-                                 min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
-                                 is_prior=batch.is_prior, prior_loss_weight=cfg.prior_loss_weight)
+            out = diffusion_loss(train_unet, batch.latents, hidden, noise_scheduler, noise=noise, timesteps=timesteps,
+                                 min_snr_gamma=cfg.min_snr_gamma, is_prior=batch.is_prior,
+                                 prior_loss_weight=cfg.prior_loss_weight)
         accelerator.backward(out.loss)
         return out
 
@@ -233,7 +235,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss = sum(losses) / len(losses)
+        loss = _mean_over_processes(sum(losses) / len(losses), accelerator)
         if not math.isfinite(loss):
             good = run.latest_checkpoint()
             raise TrainingError(f"loss became {loss} at step {step}; stopped. Lower learning_rate (now {cfg.learning_rate:g})"
@@ -245,7 +247,8 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         sec = sum(recent[1:] if len(recent) > 1 else recent) / max(1, len(recent) - (1 if len(recent) > 1 else 0))
         log.emit(Step(step=step, total_steps=cfg.max_train_steps, loss=loss, lr=lr_scheduler.get_last_lr()[0],
                       it_per_s=1.0 / sec if sec > 0 else 0.0, eta_s=sec * (cfg.max_train_steps - step),
-                      loss_prior=sum(prior_losses) / len(prior_losses) if prior_losses else None,
+                      loss_prior=_mean_over_processes(sum(prior_losses) / len(prior_losses), accelerator)
+                      if prior_losses else None,
                       mfu=(flops_per_step / sec / peak) if flops_per_step and sec > 0 else None, epoch=data.epoch))
 
         want_stop = _all_agree(stop.set, accelerator)
@@ -261,6 +264,9 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
                                      total_steps=cfg.max_train_steps)
                 return TrainResult(run.path, "stopped", step, None, cp)
 
+    digests = _adapter_digests(adapter, accelerator)
+    if len(set(digests)) > 1:
+        raise TrainingError(f"the {len(digests)} processes ended with different adapter weights: {digests}")
     lora_path = None
     if accelerator.is_main_process:
         data_glue.make_samples(cfg, base, run, step, log)
@@ -270,7 +276,8 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
                               metadata=data_glue.training_metadata(cfg, data, step, t_start))
         run.write_status("done", "finished", step=step, total_steps=cfg.max_train_steps)
     accelerator.wait_for_everyone()
-    log.emit(Done(step=step, lora_path=str(lora_path or run.lora_path), seconds=time.time() - t_start))
+    log.emit(Done(step=step, lora_path=str(lora_path or run.lora_path), seconds=time.time() - t_start,
+                  processes=accelerator.num_processes, adapter_digests=digests))
     accelerator.end_training()
     return TrainResult(run.path, "done", step, lora_path, run.latest_checkpoint())
 
@@ -322,6 +329,28 @@ def _measure_step_flops(micro_step, data, params, optimizer) -> float:
             p.grad = None
         data.load_state_dict(data_state)
         set_rng_state(rng, torch_rng, cuda_rng)
+
+
+def _mean_over_processes(value: float, accelerator) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], device=accelerator.device, dtype=torch.float64)
+    return float(accelerator.reduce(t, reduction="mean").item())
+
+
+def _adapter_digests(adapter, accelerator) -> list[str]:
+    """A hash of the adapter weights of every process (they must all be equal after DDP training)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(adapter.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.float().numpy().tobytes())
+    if accelerator.num_processes == 1:
+        return [h.hexdigest()]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([h.hexdigest()]))
 
 
 def _all_agree(flag: bool, accelerator) -> bool:

@@ -20,15 +20,32 @@ class StepLoss:
     loss_prior: float | None        # the class images' part, when prior preservation is on
 
 
+def sample_noise(latents: torch.Tensor, sample_ids: list[int], seed: int, num_train_timesteps: int,
+                 noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timestep of each sample from its own generator, seeded by (run seed, sample id).
+
+    A sample gets the same noise whichever process draws it and whether or not the run was
+    resumed, so 2 processes x batch 1 train exactly like 1 process x batch 2.
+    """
+    noises, steps = [], []
+    for sid in sample_ids:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + sid) % (2**63))
+        n = torch.randn(latents.shape[1:], generator=g)
+        if noise_offset:
+            n = n + noise_offset * torch.randn(latents.shape[1], 1, 1, generator=g)
+        noises.append(n)
+        steps.append(int(torch.randint(0, num_train_timesteps, (1,), generator=g)))
+    return (torch.stack(noises).to(latents.device, latents.dtype),
+            torch.tensor(steps, device=latents.device, dtype=torch.long))
+
+
 def diffusion_loss(unet, latents: torch.Tensor, encoder_hidden_states: torch.Tensor, noise_scheduler, *,
-                   min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
+                   noise: torch.Tensor, timesteps: torch.Tensor, min_snr_gamma: float = 0.0,
                    is_prior: torch.Tensor | None = None, prior_loss_weight: float = 1.0) -> StepLoss:
-    """Loss of one batch. ``is_prior`` marks class images (bool per sample) for prior preservation."""
-    bsz = latents.shape[0]
-    noise = torch.randn_like(latents)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(bsz, latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+    """Loss of one batch (``noise``/``timesteps`` from :func:`sample_noise`).
+
+    ``is_prior`` marks class images (bool per sample) for prior preservation.
+    """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
 
     pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
