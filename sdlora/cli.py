@@ -110,17 +110,22 @@ def cmd_generate(a: argparse.Namespace) -> int:
             raise UserError(f"--lora {path}: file not found")
     prev = Previewer(a.base)
     prev.set_loras(loras)
-    kw = dict(prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed, steps=a.steps, guidance=a.guidance,
+    kw = dict(prompt=a.prompt, negative_prompt=a.negative_prompt or None, seed=a.seed, steps=a.steps,
               width=a.width, height=a.height, scheduler=a.scheduler)
+    if a.guidance is not None:
+        kw["guidance"] = a.guidance
     out = Path(a.out)
     if a.grid:
-        scales = [float(s) for s in a.grid.split(",")]
-        images = prev.scale_grid(scales, **kw)
+        try:
+            scales = [float(s) for s in a.grid.split(",")]
+        except ValueError:
+            raise UserError(f"--grid {a.grid}: give comma-separated numbers, e.g. 0,0.5,1") from None
         from .generate import image_grid
 
-        img = image_grid(images, labels=[f"{s:g}" for s in scales])
+        pairs = prev.scale_grid(scales, **kw)
+        img = image_grid([im for _, im in pairs], labels=[f"scale {s:g}" for s, _ in pairs])
     else:
-        img = prev.generate(scale=a.scale, **kw)
+        img = prev.generate(scale=a.scale, **kw)[0]
     from .paths import atomic_path
 
     with atomic_path(out, suffix=".png") as tmp:
@@ -247,24 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .train.config import ConfigError
 
     errors: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError)
-    try:
-        from .lora.formats import LoraFormatError
+    from .data.errors import DatasetError
+    from .lora.errors import LoraError
+    from .models.loading import ModelLoadError
+    from .train.loop import TrainingError
 
-        errors += (LoraFormatError,)
-    except ImportError:
-        pass
-    try:
-        from .models.loading import ModelLoadError
-
-        errors += (ModelLoadError,)
-    except ImportError:
-        pass
-    try:
-        from .train.loop import TrainingError
-
-        errors += (TrainingError,)
-    except ImportError:
-        pass
+    errors += (LoraError, ModelLoadError, TrainingError, DatasetError)
     try:
         return args.func(args)
     except errors as e:

@@ -21,6 +21,7 @@ from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .events import Callback, Checkpoint, Done, EventLog, Failed, Message, Start, Step, Stopped, Warning_
 from .perf import count_flops, matmul_peak_flops, resolve_precision
+from .speed import prepare_for_training
 from .runs import RunDir
 from .step import diffusion_loss, sample_noise
 
@@ -172,6 +173,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
             text_encoder.gradient_checkpointing_enable()
     for m in adapter.models:
         m.train()
+    prepare_for_training(unet, text_encoder if cfg.train_text_encoder else None, accelerator.device)
     param_groups = adapter.param_groups(unet_lr=cfg.effective_unet_lr, text_encoder_lr=cfg.text_encoder_lr,
                                         weight_decay=cfg.weight_decay)
     n_trainable = sum(p.numel() for g in param_groups for p in g["params"])
