@@ -111,6 +111,7 @@ class Previewer:
         self._merged = False
         self.reports: dict[str, LoadReport] = {}
         self._files: dict[tuple, str] = {}  # (resolved path, mtime, size) -> adapter name, for set_loras
+        self._layerset: control.LayerSet | None = None  # PEFT layers, collected once per adapter change
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
 
@@ -133,6 +134,11 @@ class Previewer:
     @property
     def _models(self) -> list[nn.Module]:
         return [self.pipe.unet, self.pipe.text_encoder]
+
+    def _layers(self) -> control.LayerSet:
+        if self._layerset is None:
+            self._layerset = control.collect(self._models)
+        return self._layerset
 
     # Adapters -------------------------------------------------------------------------------------
     @property
@@ -166,8 +172,10 @@ class Previewer:
         if self._merged:
             raise LoraError("Unmerge before loading another LoRA (merged weights would be changed).")
         adapter, report = load_lora(path, self.unet, self.text_encoder, name, strict=strict, taken_names=taken)
+        self._layerset = None
         self._entries[adapter.name] = _Entry(float(weight), True)
         self.reports[adapter.name] = report
+        self._files[_file_key(path)] = adapter.name
         return adapter.name
 
     def set_loras(self, items: Iterable[tuple[str | os.PathLike[str], float]]) -> list[str]:
@@ -180,9 +188,7 @@ class Previewer:
         wanted = []
         for path, weight in items:
             _check_number("weight", weight)
-            resolved = Path(path).expanduser().resolve()
-            stat = resolved.stat() if resolved.is_file() else None
-            wanted.append(((str(resolved), stat.st_mtime_ns if stat else None, stat.st_size if stat else None), path, float(weight)))
+            wanted.append((_file_key(path), path, float(weight)))
         keep = {key for key, _, _ in wanted}
         for key, name in list(self._files.items()):
             if key not in keep:
@@ -199,7 +205,8 @@ class Previewer:
     def use_adapter(self, name: str, weight: float = 1.0) -> None:
         """Preview an adapter that is already in the models (e.g. injected by training)."""
         _check_number("weight", weight)
-        if name not in control.adapter_names(self._models):
+        self._layerset = None  # the adapter may have been injected after the last look
+        if name not in control.adapter_names(self._layers()):
             raise LoraError(
                 f"No adapter named {name!r} in the models; present: {control.adapter_names(self._models) or 'none'}."
             )
@@ -224,7 +231,8 @@ class Previewer:
         self.reports.pop(name, None)
         self._files = {k: v for k, v in self._files.items() if v != name}
         if entry.from_file:
-            control.delete(self._models, name)
+            control.delete(self._layers(), name)
+            self._layerset = None
         if not self._entries:
             self._merged = False
 
@@ -244,15 +252,15 @@ class Previewer:
         """
         if not self._entries:
             raise LoraError("No adapter to merge.")
-        if any(p.requires_grad for _, p in _adapter_params(self._models, self._entries)):
+        if any(p.requires_grad for _, p in _adapter_params(self._layers(), self._entries)):
             raise LoraError("These adapters are being trained (their weights require grad); merging them is not allowed.")
         self._enabled = True
         self._apply()
-        control.merge(self._models, list(self._entries))
+        control.merge(self._layers(), list(self._entries))
         self._merged = True
 
     def unmerge(self) -> None:
-        control.unmerge(self._models)
+        control.unmerge(self._layers())
         self._merged = False
 
     def apply(self) -> None:
@@ -260,19 +268,20 @@ class Previewer:
         self._apply()
 
     def _apply(self) -> None:
-        present = set(control.adapter_names(self._models))
+        layers = self._layers()
+        present = set(control.adapter_names(layers))
         missing = [n for n in self._entries if n not in present]
         if missing:
             raise LoraError(f"Adapter(s) {missing} are no longer in the models.")
         if not present:
             return
         if not self._enabled or not self._entries:
-            control.disable(self._models)
+            control.disable(layers)
             return
-        control.enable(self._models)
-        control.set_adapters(self._models, {n: self._scale * e.weight for n, e in self._entries.items()})
+        control.enable(layers)
+        control.set_adapters(layers, {n: self._scale * e.weight for n, e in self._entries.items()})
         if self._merged:
-            control.merge(self._models, list(self._entries))
+            control.merge(layers, list(self._entries))
 
     # Generation -----------------------------------------------------------------------------------
     def _scheduler(self, name: str):
@@ -323,7 +332,7 @@ class Previewer:
         generators = [
             torch.Generator("cpu").manual_seed(int(seed) + i) for _ in prompts for i in range(num_images)
         ]
-        states = control.snapshot(self._models)
+        states = control.snapshot(self._layers())
         modes = [(m, m.training) for m in self._models]
         scheduler_before = self.pipe.scheduler
         try:
@@ -372,6 +381,13 @@ def _adapter_params(models: Sequence[nn.Module], names: Iterable[str]):
     for _, layer in control.tuner_layers(models):
         for name in wanted:
             yield from adapter_parameters(layer, name)  # type: ignore[arg-type]
+
+
+def _file_key(path: str | os.PathLike[str]) -> tuple:
+    """Identity of a file's current contents: resolved path, modification time, size."""
+    resolved = Path(path).expanduser().resolve()
+    stat = resolved.stat() if resolved.is_file() else None
+    return (str(resolved), stat.st_mtime_ns if stat else None, stat.st_size if stat else None)
 
 
 def _check_number(label: str, value: Any) -> None:

@@ -94,8 +94,11 @@ def trained_pipe(spec: LoraSpec, seed: int = 7):
 
 
 CASES = {
-    "kohya-attn-mlp": ("kohya", LoraSpec(preset="attn-mlp", rank=4, alpha=2.0, text_encoder=True, text_encoder_rank=2)),
-    "diffusers-attn-mlp": ("diffusers", LoraSpec(preset="attn-mlp", rank=4, alpha=2.0, text_encoder=True, text_encoder_rank=2)),
+    # text-encoder rank and alpha differ from the UNet's (diffusers reads alphas per component)
+    "kohya-attn-mlp": ("kohya", LoraSpec(preset="attn-mlp", rank=4, alpha=2.0, text_encoder=True, text_encoder_rank=2,
+                                         text_encoder_alpha=1.0)),
+    "diffusers-attn-mlp": ("diffusers", LoraSpec(preset="attn-mlp", rank=4, alpha=2.0, text_encoder=True,
+                                                 text_encoder_rank=2, text_encoder_alpha=1.0)),
     "kohya-full": ("kohya", LoraSpec(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, text_encoder=True)),
     "diffusers-full": ("diffusers", LoraSpec(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, text_encoder=True)),
 }

@@ -67,6 +67,7 @@ def test_live_training_adapter_scale_grid_leaves_training_state_alone(tiny_pipe)
         previewer.merge()
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # diffusers loading a second adapter
 def test_several_files_with_weights_match_diffusers(tmp_path, tiny_model_dir):
     from diffusers import StableDiffusionPipeline
 
@@ -93,10 +94,14 @@ def test_several_files_with_weights_match_diffusers(tmp_path, tiny_model_dir):
     previewer.set_weight("paper", 0.0)
     only_ink = previewer.generate(PROMPT, seed=9, steps=2, guidance=4.0, scheduler="DDIM", output="np")
     assert np.abs(only_ink - ours).max() > 1e-3
-    previewer.remove("paper")
+    assert previewer.set_loras([(first, 1.0)]) == ["ink"]  # kept loaded, "paper" removed from the models
+    assert previewer.adapters == {"ink": 1.0}
     assert "paper" not in control.adapter_names(previewer.unet)
     again = previewer.generate(PROMPT, seed=9, steps=2, guidance=4.0, scheduler="DDIM", output="np")
     assert np.abs(again - only_ink).max() <= 1e-6
+    assert previewer.set_loras([(second, 0.6), (first, 1.0)]) == ["paper", "ink"]
+    mixed = previewer.generate(PROMPT, seed=9, scale=0.5, steps=2, guidance=4.0, scheduler="DDIM", output="np")
+    assert np.abs(mixed - ours).max() <= 1e-5
 
 
 def test_merged_preview_matches_unmerged(tmp_path):

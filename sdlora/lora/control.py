@@ -9,6 +9,7 @@ safe in the middle of training.
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,12 +19,30 @@ from torch import nn
 
 from .errors import LoraError
 
-Models = nn.Module | Iterable[nn.Module | None] | None
+class LayerSet:
+    """The PEFT layers of some models, collected once.
+
+    Walking a UNet's module tree takes milliseconds; callers that change scales often (a preview
+    slider) collect the layers once with :func:`collect` and pass the set instead of the models.
+    Collect again after adapters are added or removed.
+    """
+
+    def __init__(self, models: list[nn.Module], items: list[tuple[str, nn.Module]]) -> None:
+        self.models = models
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+Models = nn.Module | Iterable[nn.Module | None] | LayerSet | None
 
 
 def _models(models: Models) -> list[nn.Module]:
     if models is None:
         return []
+    if isinstance(models, LayerSet):
+        return models.models
     if isinstance(models, nn.Module):
         return [models]
     return [m for m in models if m is not None]
@@ -33,10 +52,18 @@ def tuner_layers(models: Models) -> Iterator[tuple[str, "nn.Module"]]:
     """(path, layer) of every PEFT adapter layer in the given models."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if isinstance(models, LayerSet):
+        yield from models.items
+        return
     for model in _models(models):
         for path, module in model.named_modules():
             if isinstance(module, BaseTunerLayer):
                 yield path, module
+
+
+def collect(models: Models) -> LayerSet:
+    """A :class:`LayerSet` of the models' PEFT layers (pass it to the other functions)."""
+    return LayerSet(_models(models), list(tuner_layers(models)))
 
 
 def adapter_names(models: Models) -> list[str]:
@@ -69,6 +96,8 @@ def _set_scaling(layer: nn.Module, name: str, scale: float) -> None:
     """Set one adapter's multiplier in one layer, re-merging if the layer is merged."""
     if name not in layer.scaling:  # type: ignore[attr-defined]
         return
+    if layer.scaling[name] == _scaling_for(layer, name, float(scale)):  # type: ignore[attr-defined]
+        return  # unchanged: nothing to do (and no re-merge)
     merged = list(layer.merged_adapters) if layer.merged else []  # type: ignore[attr-defined]
     if name in merged:
         layer.unmerge()  # type: ignore[attr-defined]
@@ -107,9 +136,14 @@ def get_scales(models: Models) -> dict[str, float]:
     return out
 
 
-def _base_scaling(layer: nn.Module, name: str) -> float:
-    import math
+def _scaling_for(layer: nn.Module, name: str, scale: float) -> float:
+    """What PEFT's ``set_scale(name, scale)`` stores (same expression, so equality is exact)."""
+    if layer.use_rslora.get(name, False):  # type: ignore[attr-defined]
+        return scale * layer.lora_alpha[name] / math.sqrt(layer.r[name])  # type: ignore[attr-defined]
+    return scale * layer.lora_alpha[name] / layer.r[name]  # type: ignore[attr-defined]
 
+
+def _base_scaling(layer: nn.Module, name: str) -> float:
     alpha, r = layer.lora_alpha[name], layer.r[name]  # type: ignore[attr-defined]
     return alpha / math.sqrt(r) if layer.use_rslora.get(name, False) else alpha / r  # type: ignore[attr-defined]
 
@@ -141,8 +175,9 @@ def set_adapters(models: Models, weights: Mapping[str, float]) -> None:
 def enable(models: Models) -> None:
     """Turn adapters back on after :func:`disable`."""
     for _, layer in tuner_layers(models):
-        with _keep_requires_grad(layer):
-            layer.enable_adapters(True)  # type: ignore[attr-defined]
+        if layer.disable_adapters:  # type: ignore[attr-defined]
+            with _keep_requires_grad(layer):
+                layer.enable_adapters(True)  # type: ignore[attr-defined]
 
 
 def disable(models: Models) -> None:
@@ -150,8 +185,9 @@ def disable(models: Models) -> None:
     for _, layer in tuner_layers(models):
         if layer.merged:  # type: ignore[attr-defined]
             layer.unmerge()  # type: ignore[attr-defined]
-        with _keep_requires_grad(layer):
-            layer.enable_adapters(False)  # type: ignore[attr-defined]
+        if not layer.disable_adapters:  # type: ignore[attr-defined]
+            with _keep_requires_grad(layer):
+                layer.enable_adapters(False)  # type: ignore[attr-defined]
 
 
 def is_enabled(models: Models) -> bool:
