@@ -250,11 +250,9 @@ def test_train_preview_export_round_trip(app, client, tiny_spec, tmp_path):
     assert np.array_equal(np.asarray(grid.convert("RGB"))[:64, :64], at0)
 
     # Export: kohya file with metadata, loaded by a fresh diffusers pipeline.
-    path, meta = client.predict(run="ui-run", fmt="kohya", checkpoint="final", rank=0, api_name="/export")
-    assert Path(path).suffix == ".safetensors"
-    assert meta
-    text = str(meta)
-    assert "ss_network_dim" in text or "network_dim" in text
+    path, summary, meta = client.predict(run="ui-run", fmt="kohya", checkpoint="final", rank=0, api_name="/export")
+    assert Path(path).suffix == ".safetensors" and "kohya" in summary
+    assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "6" and meta["ss_output_name"] == "ui-run"
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
@@ -272,16 +270,19 @@ def test_train_preview_export_round_trip(app, client, tiny_spec, tmp_path):
     pipe.load_lora_weights(path)
     assert np.abs(render() - plain).mean() > 1e-4
 
-    dpath, _ = client.predict(run="ui-run", fmt="diffusers", checkpoint="final", rank=0, api_name="/export")
+    dpath, _, _ = client.predict(run="ui-run", fmt="diffusers", checkpoint="final", rank=0, api_name="/export")
     pipe2 = StableDiffusionPipeline.from_pretrained(tiny_spec, safety_checker=None, requires_safety_checker=False)
     pipe2.set_progress_bar_config(disable=True)
     pipe2.load_lora_weights(dpath)
+    pipe = pipe2
+    assert np.abs(render() - plain).mean() > 1e-4
     # A checkpoint at a lower rank exports too.
-    choices, _ = client.predict(run="ui-run", api_name="/export_info")
+    choices, _, shown = client.predict(run="ui-run", api_name="/export_info")
+    assert shown == meta  # the metadata shown before exporting is what the file carries
     steps = [c[1] if isinstance(c, (list, tuple)) else c for c in choices["choices"]]
     assert "final" in steps and any(s.startswith("step-") for s in steps)
     cp = next(s for s in steps if s.startswith("step-"))
-    rpath, _ = client.predict(run="ui-run", fmt="kohya", checkpoint=cp, rank=2, api_name="/export")
+    rpath, _, _ = client.predict(run="ui-run", fmt="kohya", checkpoint=cp, rank=2, api_name="/export")
     down = [v for k, v in load_file(rpath).items() if k.endswith("lora_down.weight")]
     assert down and all(t.shape[0] <= 2 for t in down)
 

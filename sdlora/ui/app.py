@@ -24,9 +24,9 @@ from .server import ServerOptions
 
 DEFAULT_GRID = "0, 0.25, 0.5, 0.75, 1, 1.25"
 EXPORT_FORMATS = [("kohya / A1111 / ComfyUI (.safetensors)", "kohya"), ("diffusers (PEFT .safetensors)", "diffusers")]
-WHERE_TO_PUT = ("**Where the file goes:** Automatic1111/Forge: `models/Lora/`, then write `<lora:FILE_NAME:1>` in "
+WHERE_TO_PUT = ("**Where the file goes:** Automatic1111/Forge: `models/Lora/`, then write `<lora:{stem}:1>` in "
                 "the prompt. ComfyUI: `models/loras/`, then add a *Load LoRA* node. diffusers: "
-                "`pipe.load_lora_weights(path)`.")
+                "`pipe.load_lora_weights(\"{name}\")`.")
 RESOLUTION_FIELDS = ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
 CHECK_FIELDS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
                 "bucket_no_upscale", "caption_template", "caption_extension")
@@ -112,7 +112,8 @@ class App:
                          f'{summary["captioned"]} with a caption file). {bucket_text}</div>')
             if summary.get("example_captions"):
                 parts.append('<div class="sdl-hint">Training captions, e.g.: '
-                             + " | ".join(f"<code>{esc(c)}</code>" for c in summary["example_captions"][:3])
+                             + " | ".join(f"<code>{esc(c)}</code>" if c else "<i>(empty)</i>"
+                                          for c in summary["example_captions"][:3])
                              + "</div>")
         else:
             parts.append('<div><b class="bad">No usable image: training cannot start.</b> Upload images '
@@ -454,8 +455,8 @@ class App:
         loras = self._loras(lora_runs, lora_files, lora_weights)
         with self.ctx.preview_lock:
             prev = self._previewer(base_model, loras)
-            pairs = prev.scale_grid(values, **kw)
-        return image_grid([img for _, img in pairs], labels=[f"scale {s:g}" for s, _ in pairs])
+            images = prev.scale_grid(values, **kw)
+        return image_grid(images, labels=[f"scale {s:g}" for s in values])
 
     def lora_table(self, lora_runs: list[str] | None, lora_files: list[str] | None, lora_weights: Any):
         """Rows (LoRA, weight) for the chosen runs and files, keeping weights already typed in."""
@@ -474,8 +475,11 @@ class App:
             values = [m.value for m in self.ctx.base_models()]
             for v in (spec, str(Path(spec).resolve()) if spec not in ("demo", "tiny") else spec):
                 if v in values:
-                    res = self.ctx.base_resolution(v) or gr.skip()
-                    return v, res, res
+                    res = self.ctx.base_resolution(v)
+                    if not res:
+                        return v, gr.skip(), gr.skip()
+                    size = _resolution_values(res)
+                    return v, size["width"], size["height"]
         return gr.skip(), gr.skip(), gr.skip()
 
     # =========================================================================================
@@ -493,23 +497,24 @@ class App:
             choices.append((cp.name, cp.name))
         return choices or [("final LoRA", "final")]
 
-    @guarded
-    def export_info(self, run: str):
-        """Checkpoints of a run and the metadata its LoRA file carries."""
-        from ..lora.formats import inspect_file
-
+    def _export_view(self, run: str | None):
         choices = self._checkpoint_choices(run)
-        meta: Any = {}
+        summary, meta = "", {}
         if run:
             r = self.ctx.existing_run(run)
             if r.lora_path.is_file():
-                meta = _jsonable(inspect_file(r.lora_path))
-        return gr.update(choices=choices, value=choices[0][1]), meta
+                summary, meta = _inspection(r.lora_path)
+        return gr.update(choices=choices, value=choices[0][1]), summary, meta
+
+    @guarded
+    def export_info(self, run: str):
+        """Checkpoints of a run and the metadata its LoRA file carries."""
+        return self._export_view(run)
 
     @guarded
     def export_lora(self, run: str, fmt: str = "kohya", checkpoint: str = "final", rank: float = 0):
         """Write the chosen format of a run's LoRA (or of one checkpoint, optionally at a lower rank)."""
-        from ..lora.formats import export_from, inspect_file
+        from ..lora.formats import export_from
 
         r = self.ctx.existing_run(run)
         if fmt not in ("kohya", "diffusers"):
@@ -522,12 +527,18 @@ class App:
         elif not r.lora_path.is_file():
             raise UIError(f"Run '{r.name}' has no final LoRA yet; choose one of its checkpoints.", title="Export")
         rank_i = _int(rank or 0, "rank", 0)
-        suffix = ("" if step is None else f"-step{step}") + (f"-r{rank_i}" if rank_i else "")
-        fmt_part = "" if fmt == "kohya" else "-diffusers"
-        out = r.path / "exports" / f"{r.name}{suffix}{fmt_part}.safetensors"
-        result = export_from(str(r.path), fmt=fmt, out=str(out), step=step, rank=rank_i or None)
-        path = Path(result) if result else out
-        return str(path), _jsonable(inspect_file(path))
+        if step is None and fmt == "kohya" and not rank_i:
+            # The file training wrote is the kohya/A1111 file, with all of its training metadata.
+            return (str(r.lora_path), *_inspection(r.lora_path))
+        if step is None:
+            # The final LoRA is the adapter of the run's last checkpoint (saved at the last step);
+            # exporting from it works for every base model the run could train on.
+            st = r.status()
+            last = r.latest_checkpoint()
+            if last is not None and st.get("state") == "done" and last.name == f"step-{st.get('step')}":
+                step = int(st["step"])
+        path = Path(export_from(str(r.path), fmt=fmt, step=step, rank=rank_i or None))
+        return (str(path), *_inspection(path))
 
     # =========================================================================================
     # Page load
@@ -556,9 +567,15 @@ class App:
     def refresh_preview_runs(self):
         return gr.update(choices=self._lora_runs())
 
-    def refresh_export_runs(self, current: str | None):
+    def refresh_export(self, current: str | None):
+        """Opening the Export tab: the runs list, and the chosen run's checkpoints and metadata."""
         names = [r[0] for r in runview.runs_table(self.ctx.runs_dir)]
-        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+        value = current if current in names else (names[0] if names else None)
+        try:
+            step, summary, meta = self._export_view(value)
+        except Exception:  # noqa: BLE001 - a run that cannot be inspected just shows nothing
+            step, summary, meta = gr.skip(), "", {}
+        return gr.update(choices=names, value=value), step, summary, meta
 
     def show_dataset(self, dataset_name: str, trigger_word: str = "", **check: Any):
         """The gallery and check of the dataset a fresh page opens with (nothing when there is none)."""
@@ -684,7 +701,7 @@ class App:
                             pv_runs = gr.Dropdown(choices=[], value=[], multiselect=True, label="LoRAs of runs",
                                                   elem_id="pv-runs", allow_custom_value=True)
                             pv_files = gr.File(file_count="multiple", label="Or upload SD 1.x LoRA .safetensors files",
-                                               elem_id="pv-files", height=130)
+                                               elem_id="pv-files")
                             pv_weights = gr.Dataframe(headers=["LoRA", "weight"], value=[], type="array",
                                                       datatype=["str", "number"], static_columns=[0],
                                                       label="Weight of each LoRA", elem_id="pv-weights",
@@ -709,7 +726,7 @@ class App:
                                               elem_id="pv-scale")
                             gen = gr.Button("Generate", variant="primary", elem_id="pv-generate")
                             image = gr.Image(label="Image", format="png", type="pil", interactive=False,
-                                             elem_id="pv-image", height=320)
+                                             elem_id="pv-image", elem_classes="sdl-preview", height=320)
                     with gr.Accordion("Base vs LoRA, and a scale grid (same seed)", open=True):
                         with gr.Row():
                             cmp_btn = gr.Button("Compare base vs LoRA", elem_id="pv-compare")
@@ -717,11 +734,11 @@ class App:
                             grid_btn = gr.Button("Scale grid", elem_id="pv-grid")
                         with gr.Row():
                             img_base = gr.Image(label="Base model (scale 0)", format="png", type="pil",
-                                                interactive=False, elem_id="pv-img-base", height=256)
+                                                interactive=False, elem_id="pv-img-base", elem_classes="sdl-preview", height=256)
                             img_lora = gr.Image(label="With LoRA", format="png", type="pil", interactive=False,
-                                                elem_id="pv-img-lora", height=256)
+                                                elem_id="pv-img-lora", elem_classes="sdl-preview", height=256)
                         grid_img = gr.Image(label="Scale grid", format="png", type="pil", interactive=False,
-                                            elem_id="pv-grid-image")
+                                            elem_id="pv-grid-image", elem_classes="sdl-preview")
 
                 # --------------------------------------------------------------------- export
                 with gr.Tab("Export", id="export", elem_id="tab-export") as tab_export:
@@ -737,8 +754,12 @@ class App:
                                             elem_id="ex-rank")
                     ex_btn = gr.Button("Export", variant="primary", elem_id="ex-export")
                     ex_file = gr.File(label="Download", interactive=False, elem_id="ex-file")
-                    gr.Markdown(WHERE_TO_PUT, elem_id="ex-where")
-                    ex_meta = gr.JSON(label="Metadata embedded in the file", elem_id="ex-meta", open=True)
+                    ex_where = gr.Markdown(WHERE_TO_PUT.format(stem="FILE_NAME", name="FILE_NAME.safetensors"),
+                                           elem_id="ex-where")
+                    ex_summary = gr.Textbox(label="What the file holds", lines=8, max_lines=16, interactive=False,
+                                            elem_id="ex-summary")
+                    ex_meta = gr.JSON(label="Metadata embedded in the file (safetensors header)", elem_id="ex-meta",
+                                      open=True)
 
             timer = gr.Timer(1.0)
             poll_state = gr.State(None)
@@ -802,10 +823,11 @@ class App:
             grid_btn.click(self.scale_grid, inputs=[*pv_inputs, grid_scales], outputs=grid_img,
                            api_name="scale_grid", concurrency_id="preview")
 
-            ex_run.change(self.export_info, inputs=ex_run, outputs=[ex_step, ex_meta], api_name="export_info",
-                          show_progress="hidden")
-            ex_btn.click(self.export_lora, inputs=[ex_run, ex_fmt, ex_step, ex_rank], outputs=[ex_file, ex_meta],
-                         api_name="export")
+            ex_run.input(self.export_info, inputs=ex_run, outputs=[ex_step, ex_summary, ex_meta],
+                          api_name="export_info", show_progress="hidden")
+            ex_btn.click(self.export_lora, inputs=[ex_run, ex_fmt, ex_step, ex_rank],
+                         outputs=[ex_file, ex_summary, ex_meta], api_name="export").then(
+                _where_to_put, inputs=[ex_file, ex_fmt], outputs=ex_where, api_visibility="private", show_progress="hidden")
 
             loaded = demo.load(self.on_load, inputs=None,
                                outputs=[base, pv_base, ds_existing, train_ds, ds_name, watch, pv_runs, ex_run],
@@ -816,8 +838,8 @@ class App:
                         api_visibility="private", show_progress="hidden")
             tab_preview.select(self.refresh_preview_runs, inputs=None, outputs=pv_runs, api_visibility="private",
                                show_progress="hidden")
-            tab_export.select(self.refresh_export_runs, inputs=ex_run, outputs=ex_run, api_visibility="private",
-                              show_progress="hidden")
+            tab_export.select(self.refresh_export, inputs=ex_run, outputs=[ex_run, ex_step, ex_summary, ex_meta],
+                              api_visibility="private", show_progress="hidden")
         return demo
 
 
@@ -825,6 +847,15 @@ class App:
 def build_app(opts: ServerOptions) -> gr.Blocks:
     """The app's ``gr.Blocks`` for these server options (not launched)."""
     return App(opts).build()
+
+
+def _where_to_put(path: str | None, fmt: str = "kohya") -> str:
+    """The "where the file goes" line, with the exported file's name."""
+    name = Path(str(path)).name if path else "FILE_NAME.safetensors"
+    if fmt == "diffusers":
+        return (f"**Where the file goes:** diffusers: `pipe.load_lora_weights(\"{name}\")`. For Automatic1111, "
+                "Forge, ComfyUI or kohya, export the kohya format.")
+    return WHERE_TO_PUT.format(stem=Path(name).stem, name=name)
 
 
 def _identity(value: Any) -> Any:
@@ -912,6 +943,16 @@ def _scales(text: str) -> list[float]:
     if not values or len(values) > 12:
         raise UIError(f"Grid scales: give 1 to 12 numbers, e.g. {DEFAULT_GRID}.", title="Scale grid")
     return values
+
+
+def _inspection(path: Path) -> tuple[str, dict[str, Any]]:
+    """(readable report, the metadata stored in the file's header) of a LoRA file."""
+    from ..lora.formats import inspect_file
+    from ..lora.formats.inspect import format_inspection
+
+    info = inspect_file(path)
+    report = format_inspection(info).replace(str(path), Path(path).name)
+    return report, _jsonable(info.get("metadata") or {})
 
 
 def _jsonable(value: Any) -> Any:

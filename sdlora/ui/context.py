@@ -39,7 +39,6 @@ class AppContext:
         self.preview_lock = threading.Lock()
         self._previewer: Any = None
         self._previewer_base: str | None = None
-        self._loaded: dict[tuple, str] = {}
 
     # ---- base models ------------------------------------------------------------------------
     def base_models(self) -> list[BaseChoice]:
@@ -102,29 +101,15 @@ class AppContext:
     def previewer(self, base: str, loras: list[tuple[str, float]]):
         """The previewer of ``base`` with exactly ``loras`` (path, weight) active.
 
-        The base model is loaded once and kept (a different base replaces it). LoRA files already
-        loaded stay loaded - a changed weight is one float per layer - so moving the scale slider
-        or a weight never reloads anything; a file that changed on disk is loaded again.
-        Call with :attr:`preview_lock` held.
+        The base model is loaded once and kept (a different base replaces it); the previewer keeps
+        LoRA files loaded and only changes weights, so moving the scale slider never reloads
+        anything. Call with :attr:`preview_lock` held.
         """
         from ..generate import Previewer
 
         if self._previewer is None or self._previewer_base != base:
             self._previewer = None  # free the old model before loading the next one
-            self._loaded = {}
             self._previewer = Previewer.from_base(base)
             self._previewer_base = base
-        prev = self._previewer
-        wanted: dict[tuple, tuple[str, float]] = {}
-        for path, weight in loras:
-            p = Path(path).resolve()
-            st = p.stat()
-            wanted[(str(p), st.st_mtime_ns, st.st_size)] = (str(p), float(weight))
-        for key in [k for k in self._loaded if k not in wanted]:
-            prev.remove(self._loaded.pop(key))
-        for key, (path, weight) in wanted.items():
-            if key in self._loaded:
-                prev.set_weight(self._loaded[key], weight)
-            else:
-                self._loaded[key] = prev.load_lora(path, weight)
-        return prev
+        self._previewer.set_loras(loras)
+        return self._previewer

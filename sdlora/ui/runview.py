@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ from .errors import esc
 RUNS_HEADERS = ["run", "state", "step", "message", "updated"]
 MAX_PLOT_POINTS = 1500
 LOG_TAIL_BYTES = 24_000
+LOG_TAIL_LINES = 200
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_BAR = re.compile(r"^(.*?):?\s*\d{1,3}%\|")
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -138,13 +142,31 @@ def log_tail(run: RunDir, max_bytes: int = LOG_TAIL_BYTES) -> str:
             text = f.read().decode("utf-8", errors="replace")
         if size > max_bytes:
             text = text.split("\n", 1)[-1]
-        # A progress bar redraws with carriage returns; keep only the last state of each line.
-        return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines())
+        return "\n".join(clean_log_lines(text.splitlines())[-LOG_TAIL_LINES:])
     except OSError:
         lines = []
         for ev in run.events({"message", "warning", "failed", "done", "stopped"}):
             lines.append(f"{ev['type']}: {ev.get('text') or ev.get('error') or ev.get('lora_path') or ''}")
         return "\n".join(lines[-200:])
+
+
+def clean_log_lines(lines: list[str]) -> list[str]:
+    """Log lines as a person reads them: no terminal escape codes, a progress bar only in its last
+    state (bars redraw with carriage returns, or on new lines when the output is not a terminal)."""
+    out: list[str] = []
+    last_bar: str | None = None
+    for raw in lines:
+        line = _ANSI.sub("", raw.rsplit("\r", 1)[-1]).rstrip()
+        if not line:
+            continue
+        m = _BAR.match(line)
+        bar = m.group(1) if m else None
+        if bar is not None and bar == last_bar and out:
+            out[-1] = line
+        else:
+            out.append(line)
+        last_bar = bar
+    return out
 
 
 def live_view(run: RunDir) -> dict[str, Any]:

@@ -30,7 +30,9 @@ CSS = """
 .dark .sdl-check .bad { color: #f87171; }
 .sdl-check ul { margin: 4px 0 4px 18px; }
 .sdl-hint { color: var(--body-text-color-subdued); font-size: var(--text-sm); }
-#sdl-log textarea { font-family: var(--font-mono); font-size: 12px; }
+#sdl-log textarea, #ex-summary textarea { font-family: var(--font-mono); font-size: 12px; }
+/* Small previews (64 px models) are shown enlarged, pixel for pixel. */
+.sdl-preview img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
 """
 
 HEAD = ""

@@ -1,0 +1,212 @@
+"""The web app in a real Chromium (Playwright): upload, train, watch, reload, preview, download.
+
+Screenshots of every tab are saved under tests/artifacts/ for people to look at; any console error
+of the page fails the test.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from sdlora.ui.testing import AppProcess, copy_tiny_model, make_images, make_zip
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium")]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("browser-app")
+    copy_tiny_model(tiny_model_dir, root / "models")
+    proc = AppProcess.start(root / "runs", root / "models", env={"GRADIO_TEMP_DIR": str(root / "gradio-tmp")})
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """A page plus the console errors it logged."""
+
+    def __init__(self, browser, url: str, downloads: Path):
+        self.context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        self.page.set_default_timeout(30_000)
+        self.url = url
+        self.page.goto(url)
+        self.wait_loaded()
+
+    def wait_loaded(self) -> None:
+        # The page polls the run directory every second, so "network idle" never comes.
+        self.page.wait_for_selector("button[role=tab]")
+        self.page.wait_for_selector("#ds-upload")
+        self.page.wait_for_timeout(1500)
+
+    def tab(self, name: str) -> None:
+        self.page.get_by_role("tab", name=name).click()
+        self.page.wait_for_timeout(300)
+
+    def shot(self, path: Path) -> None:
+        self.page.wait_for_timeout(500)
+        self.page.screenshot(path=str(path), full_page=True)
+
+    def choose(self, elem_id: str, option: str) -> None:
+        """Pick ``option`` (visible text, substring) in the gradio dropdown ``elem_id``."""
+        self.page.locator(f"#{elem_id} input").click()
+        self.page.get_by_role("option", name=re.compile(re.escape(option))).first.click()
+        self.page.wait_for_timeout(200)
+
+    def set_number(self, elem_id: str, value: float) -> None:
+        box = self.page.locator(f"#{elem_id} input[type=number]")
+        box.fill(str(value))
+        box.press("Tab")
+
+    def toasts(self) -> list[str]:
+        """Texts of the message boxes (errors, warnings, infos) the page shows now."""
+        return [t.inner_text() for t in self.page.locator("[data-testid=toast-body]").all()]
+
+    def wait(self, js: str, timeout: float = 30_000) -> None:
+        """Wait for a JS condition; on timeout the failure lists the page's message boxes."""
+        try:
+            self.page.wait_for_function(js, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - re-raised with what the page showed
+            raise AssertionError(f"{js!r} did not become true; message boxes: {self.toasts()}") from e
+
+    def progress(self) -> dict[str, str]:
+        el = self.page.locator("#sdl-progress")
+        return {k: el.get_attribute(f"data-{k}") or "" for k in ("state", "step", "total")}
+
+
+def test_browser_end_to_end(app, browser, artifacts_dir, tmp_path):
+    imgs = make_images(tmp_path / "imgs", 4)
+    zpath = make_zip(tmp_path / "more.zip", 2)
+    ui = Page(browser, app.url, tmp_path)
+    page = ui.page
+
+    # ---- Dataset: upload many images (with captions) and a zip at once --------------------------
+    page.locator("#ds-name textarea, #ds-name input").first.fill("browser-set")
+    page.locator("#ds-trigger textarea, #ds-trigger input").first.fill("zq")
+    files = [str(p) for p in imgs] + [str(p.with_suffix(".txt")) for p in imgs] + [str(zpath)]
+    page.set_input_files("#ds-upload input[type=file]", files)
+    ui.wait("document.querySelector('#sdl-check') && "
+                           "document.querySelector('#sdl-check').innerText.includes('6 image(s) will be used')")
+    assert page.locator("#ds-gallery img").count() == 6
+    page.locator("#ds-gallery button img").first.click()
+    ui.wait("document.querySelector('#ds-caption textarea').value.length > 0")
+    assert "stripes number" in page.locator("#ds-caption textarea").input_value()
+    ui.shot(artifacts_dir / "ui-dataset.png")
+
+    # ---- Train: settings, start, progress, loss plot ------------------------------------------------
+    ui.tab("Train")
+    ui.choose("tr-base", "tiny")
+    page.locator("#tr-run-name textarea, #tr-run-name input").first.fill("browser-run")
+    for name, value in (("max_train_steps", 40), ("network_dim", 4), ("conv_dim", 4), ("learning_rate", 0.001),
+                        ("text_encoder_lr", 0.001), ("train_batch_size", 2), ("resolution", 64)):
+        ui.set_number(f"cfg-{name}", value)
+    page.locator("#tr-advanced button, #tr-advanced").first.click()
+    for name, value in (("sample_every_n_steps", 20), ("sample_steps", 4), ("save_every_n_steps", 10),
+                        ("min_bucket_reso", 64), ("max_bucket_reso", 128)):
+        ui.set_number(f"cfg-{name}", value)
+    page.locator("#tr-start").click()
+    ui.wait("(() => { const p = document.querySelector('#sdl-progress');"
+                           " return p && p.dataset.state === 'running' && +p.dataset.step >= 1; })()",
+                           timeout=240_000)
+    first = int(ui.progress()["step"])
+    ui.wait(f"+document.querySelector('#sdl-progress').dataset.step > {first}", timeout=120_000)
+    assert ui.progress()["total"] == "40"
+    # The loss plot draws a line once there are steps.
+    page.wait_for_selector("#tr-loss canvas, #tr-loss svg .mark-line path", timeout=30_000)
+    ui.shot(artifacts_dir / "ui-train-running.png")
+
+    # ---- A reload mid-training shows the same live run ------------------------------------------------
+    before = int(ui.progress()["step"])
+    page.reload()
+    ui.wait_loaded()
+    ui.tab("Train")
+    ui.wait("(() => { const p = document.querySelector('#sdl-progress');"
+                           " return p && p.innerText.includes('browser-run'); })()", timeout=30_000)
+    st = ui.progress()
+    assert st["state"] in ("running", "done") and int(st["step"]) >= before, st
+    ui.wait(f"+document.querySelector('#sdl-progress').dataset.step > {int(st['step'])} || "
+                           "document.querySelector('#sdl-progress').dataset.state === 'done'", timeout=120_000)
+    ui.wait("document.querySelector('#sdl-progress').dataset.state === 'done'", timeout=240_000)
+    page.wait_for_selector("#tr-samples img", timeout=30_000)
+    assert "done" in page.locator("#tr-runs").inner_text()
+    ui.shot(artifacts_dir / "ui-train-done.png")
+
+    # ---- Preview: generate, then move the slider and see the image change ------------------------------
+    ui.tab("Preview")
+    ui.choose("pv-runs", "browser-run")
+    page.locator("#pv-prompt textarea").fill("stripes, in zq style")
+    ui.set_number("pv-steps", 4)
+    page.locator("#pv-generate").click()
+    ui.wait("document.querySelector('#pv-image img')", timeout=120_000)
+    src_before = page.locator("#pv-image img").get_attribute("src")
+    img_before = page.request.get(src_before).body()
+    slider = page.locator("#pv-scale input[type=range]")
+    box = slider.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 2, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    ui.wait(f"document.querySelector('#pv-image img') && "
+            f"document.querySelector('#pv-image img').src !== {src_before!r}", timeout=120_000)
+    assert float(page.locator("#pv-scale input[type=number]").input_value()) < 0.2
+    img_after = page.request.get(page.locator("#pv-image img").get_attribute("src")).body()
+    assert img_after != img_before
+    # Back to scale 1 for the side-by-side and the grid.
+    scale_box = page.locator("#pv-scale input[type=number]")
+    scale_box.fill("1")
+    scale_box.press("Enter")
+    page.locator("#pv-compare").click()
+    ui.wait("document.querySelector('#pv-img-lora img')", timeout=120_000)
+    page.locator("#pv-grid-scales textarea, #pv-grid-scales input").first.fill("0, 0.5, 1, 1.5")
+    page.locator("#pv-grid").click()
+    ui.wait("document.querySelector('#pv-grid-image img')", timeout=120_000)
+    ui.shot(artifacts_dir / "ui-preview.png")
+
+    # ---- Export: download the kohya file ---------------------------------------------------------------
+    ui.tab("Export")
+    ui.choose("ex-run", "browser-run")
+    ui.wait("document.querySelector('#ex-meta') && document.querySelector('#ex-meta').innerText.includes('ss_')",
+                           timeout=30_000)
+    page.locator("#ex-export").click()
+    link = page.locator("#ex-file a").first
+    link.wait_for(timeout=120_000)
+    with page.expect_download() as dl:
+        link.click()
+    saved = tmp_path / "download.safetensors"
+    dl.value.save_as(saved)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(saved))
+    assert any(k.startswith("lora_unet_") for k in keys)
+    ui.shot(artifacts_dir / "ui-export.png")
+
+    # ---- A second tab shows the same run ---------------------------------------------------------------
+    other = Page(browser, app.url, tmp_path)
+    other.tab("Train")
+    other.wait("document.querySelector('#sdl-progress') && "
+                                 "document.querySelector('#sdl-progress').innerText.includes('browser-run')")
+    assert other.progress()["state"] == "done"
+
+    time.sleep(0.5)
+    assert ui.errors == [] and other.errors == [], ui.errors + other.errors
