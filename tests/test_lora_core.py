@@ -66,7 +66,7 @@ def test_fresh_adapter_is_bit_identical_and_every_preset_layer_is_adapted(tiny_p
     shortcut = tiny_pipe.unet.down_blocks[1].resnets[0].conv_shortcut  # 1x1 conv: network rank, like kohya
     assert shortcut.r["default"] == 4
     q_proj = tiny_pipe.text_encoder.encoder.layers[0].self_attn.q_proj
-    assert q_proj.r["default"] == 3 and q_proj.lora_alpha["default"] == 3.0
+    assert q_proj.r["default"] == 3 and q_proj.lora_alpha["default"] == 2.0  # text-encoder alpha defaults to alpha
 
 
 def test_scale_zero_is_base_and_merge_matches_unmerged(tiny_pipe):
@@ -125,6 +125,17 @@ def test_output_is_linear_in_scale_for_one_layer(tiny_pipe, layer_path):
     # delta equals up @ down * alpha / r applied as a plain layer
     module = adapter.export().unet[layer_path]
     assert math.isclose(module.scale, layer.scaling["default"] / 3.0)  # scale was left at 3.0
+
+
+def test_spec_defaults_follow_the_training_options():
+    spec = LoraSpec(rank=8)
+    assert (spec.linear_alpha, spec.effective_conv_rank, spec.effective_conv_alpha) == (8.0, 8, 8.0)
+    spec = LoraSpec(rank=8, alpha=4, conv_rank=2, text_encoder_rank=6)
+    assert (spec.effective_conv_rank, spec.effective_conv_alpha) == (2, 4.0)
+    assert (spec.effective_text_encoder_rank, spec.effective_text_encoder_alpha) == (6, 4.0)
+    assert LoraSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(LoraError, match="Unknown LoRA option"):
+        LoraSpec.from_dict({"rank": 4, "network_dim": 4})
 
 
 def test_rslora_scale_and_export_alpha(tiny_pipe):

@@ -23,7 +23,8 @@ class LoraSpec:
     * ``text_encoder_rank``/``text_encoder_alpha`` apply to the text encoder when
       ``text_encoder`` is true. ``None`` means "same as ``rank``/``alpha``".
 
-    ``alpha=None`` means ``alpha = rank`` (scale 1). The output of an adapted layer is
+    ``alpha=None`` means ``alpha = rank`` (scale 1); a ``None`` conv or text-encoder alpha is
+    ``alpha`` (so the scale of those layers is ``alpha / conv_rank`` etc.). The output of an adapted layer is
     ``W x + scale * up(down(dropout(x)))`` with ``scale = alpha / rank``, or
     ``alpha / sqrt(rank)`` when ``rslora`` is true.
 
@@ -79,11 +80,7 @@ class LoraSpec:
 
     @property
     def effective_conv_alpha(self) -> float:
-        if self.conv_alpha is not None:
-            return float(self.conv_alpha)
-        if self.conv_rank is not None:
-            return float(self.conv_rank)
-        return self.linear_alpha
+        return self.linear_alpha if self.conv_alpha is None else float(self.conv_alpha)
 
     @property
     def effective_text_encoder_rank(self) -> int:
@@ -91,11 +88,7 @@ class LoraSpec:
 
     @property
     def effective_text_encoder_alpha(self) -> float:
-        if self.text_encoder_alpha is not None:
-            return float(self.text_encoder_alpha)
-        if self.text_encoder_rank is not None:
-            return float(self.text_encoder_rank)
-        return self.linear_alpha
+        return self.linear_alpha if self.text_encoder_alpha is None else float(self.text_encoder_alpha)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-friendly dict (for run configs and file metadata)."""
