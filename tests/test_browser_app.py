@@ -118,11 +118,11 @@ def test_browser_end_to_end(app, browser, artifacts_dir, tmp_path):
     ui.tab("Train")
     ui.choose("tr-base", "tiny")
     page.locator("#tr-run-name textarea, #tr-run-name input").first.fill("browser-run")
-    for name, value in (("max_train_steps", 40), ("network_dim", 4), ("conv_dim", 4), ("learning_rate", 0.001),
+    for name, value in (("max_train_steps", 30), ("network_dim", 4), ("conv_dim", 4), ("learning_rate", 0.001),
                         ("text_encoder_lr", 0.001), ("train_batch_size", 2), ("resolution", 64)):
         ui.set_number(f"cfg-{name}", value)
     page.locator("#tr-advanced button, #tr-advanced").first.click()
-    for name, value in (("sample_every_n_steps", 20), ("sample_steps", 4), ("save_every_n_steps", 10),
+    for name, value in (("sample_every_n_steps", 15), ("sample_steps", 4), ("save_every_n_steps", 10),
                         ("min_bucket_reso", 64), ("max_bucket_reso", 128)):
         ui.set_number(f"cfg-{name}", value)
     page.locator("#tr-start").click()
@@ -131,7 +131,7 @@ def test_browser_end_to_end(app, browser, artifacts_dir, tmp_path):
                            timeout=240_000)
     first = int(ui.progress()["step"])
     ui.wait(f"+document.querySelector('#sdl-progress').dataset.step > {first}", timeout=120_000)
-    assert ui.progress()["total"] == "40"
+    assert ui.progress()["total"] == "30"
     # The loss plot draws a line once there are steps.
     page.wait_for_selector("#tr-loss canvas, #tr-loss svg .mark-line path", timeout=30_000)
     ui.shot(artifacts_dir / "ui-train-running.png")

@@ -298,3 +298,20 @@ def test_training_failure_is_reported(app, client, tmp_path):
     assert st["message"] and "Traceback" not in st["message"]
     # The app keeps serving, and the next start works.
     assert client.predict(dataset_name="fail-set", api_name="/check_dataset")
+
+
+def test_bad_lora_files_are_readable_errors(client, tiny_spec, tmp_path):
+    junk = tmp_path / "not-a-lora.safetensors"
+    junk.write_bytes(b"this is not a safetensors file")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    kw = dict(base_model=tiny_spec, prompt="x", steps=2, width=64, height=64, api_name="/preview")
+    with pytest.raises(AppError) as e:
+        client.predict(lora_files=[handle_file(str(junk))], **kw)
+    assert "not-a-lora" in _message(e) and "Traceback" not in _message(e)
+    with pytest.raises(AppError) as e:
+        client.predict(lora_files=[handle_file(str(text))], **kw)
+    assert "not a .safetensors LoRA file" in _message(e)
+    with pytest.raises(AppError) as e:
+        client.predict(lora_runs=["no-such-run"], **kw)
+    assert "no run named" in _message(e)

@@ -315,7 +315,7 @@ class App:
 
     def _poll(self, watch: str | None, signature: tuple | None):
         runs_sig = runview.runs_signature(self.ctx.runs_dir)
-        old_runs_sig, old_run_sig, old_watch, old_running = signature or (None, None, None, None)
+        old_runs_sig, old_run_sig, old_watch, old_running, old_state = signature or (None,) * 5
         running = old_running
         table: Any = gr.skip()
         watch_update: Any = gr.skip()
@@ -337,6 +337,7 @@ class App:
         log: Any = gr.skip()
         run_sig = None
         run = None
+        state = old_state if watch == old_watch else None
         if watch:
             try:
                 run = self.ctx.existing_run(watch)
@@ -347,9 +348,21 @@ class App:
             if run_sig != old_run_sig or watch != old_watch:
                 view = runview.live_view(run)
                 progress, loss, samples, log = view["progress"], view["loss"], view["samples"], view["log"]
+                new_state = view["status"].get("state")
+                if state in ("running", "queued") and new_state != state:
+                    # The run this page watches just ended: say so in a message box too.
+                    message = view["status"].get("message") or ""
+                    if new_state == "failed":
+                        gr.Warning(f"Training of {esc(run.name)} failed: {esc(message)}", title="Training failed",
+                                   duration=None)
+                    elif new_state == "done":
+                        gr.Info(f"Training of {esc(run.name)} is done.")
+                    elif new_state == "stopped":
+                        gr.Info(f"Training of {esc(run.name)} stopped: {esc(message)}")
+                state = new_state
         elif old_watch is not None or signature is None:
             progress, loss, samples, log = runview.progress_html(None, None), runview.loss_frame([]), [], ""
-        return progress, loss, samples, log, table, watch_update, (runs_sig, run_sig, watch, running)
+        return progress, loss, samples, log, table, watch_update, (runs_sig, run_sig, watch, running, state)
 
     def pick_run(self, evt: gr.SelectData):
         """Clicking a row of the runs table shows that run."""
@@ -557,7 +570,16 @@ class App:
                 first if first else gr.skip(),
                 gr.update(choices=names, value=watch),
                 gr.update(choices=self._lora_runs()),
-                gr.update(choices=names, value=names[0] if names else None))
+                gr.update(choices=names, value=names[0] if names else None),
+                self._free_run_name("my-style"))
+
+    def _free_run_name(self, stem: str) -> str:
+        """``stem``, or ``stem-2``, ``stem-3``... : the first name no run uses yet."""
+        name, n = stem, 1
+        while (self.ctx.runs_dir / name).exists():
+            n += 1
+            name = f"{stem}-{n}"
+        return name
 
     def _lora_runs(self) -> list[str]:
         from ..train.runs import list_runs
@@ -611,7 +633,9 @@ class App:
                                              info="Uploads are stored under this name (letters, digits, - _ .).",
                                              elem_id="ds-name", scale=2)
                         ds_existing = gr.Dropdown(choices=datasets, value=datasets[0] if datasets else None,
-                                                  label="Open a dataset", elem_id="ds-existing", scale=2,
+                                                  label="Open a dataset",
+                                                  info=f"Dataset folders in {ds.datasets_root(ctx.runs_dir)}.",
+                                                  elem_id="ds-existing", scale=2,
                                                   allow_custom_value=True)
                         trigger = gr.Textbox(value="", label="Trigger word",
                                              info="The word that calls up the style in prompts, e.g. 'mystyle'.",
@@ -830,7 +854,8 @@ class App:
                 _where_to_put, inputs=[ex_file, ex_fmt], outputs=ex_where, api_visibility="private", show_progress="hidden")
 
             loaded = demo.load(self.on_load, inputs=None,
-                               outputs=[base, pv_base, ds_existing, train_ds, ds_name, watch, pv_runs, ex_run],
+                               outputs=[base, pv_base, ds_existing, train_ds, ds_name, watch, pv_runs, ex_run,
+                                        run_name],
                                api_visibility="private")
             loaded.then(self.poll, inputs=[watch, gr.State(None)], outputs=live_outputs, show_progress="hidden",
                         api_visibility="private")

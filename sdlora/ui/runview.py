@@ -152,12 +152,26 @@ def log_tail(run: RunDir, max_bytes: int = LOG_TAIL_BYTES) -> str:
 
 def clean_log_lines(lines: list[str]) -> list[str]:
     """Log lines as a person reads them: no terminal escape codes, a progress bar only in its last
-    state (bars redraw with carriage returns, or on new lines when the output is not a terminal)."""
+    state (bars redraw with carriage returns, or on new lines when the output is not a terminal),
+    and a Python traceback folded to its last line (the whole text stays in train.log)."""
     out: list[str] = []
     last_bar: str | None = None
+    in_traceback = False
     for raw in lines:
         line = _ANSI.sub("", raw.rsplit("\r", 1)[-1]).rstrip()
         if not line:
+            continue
+        if line.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+            continue
+        if line.startswith(("During handling of the above exception", "The above exception was the direct cause")):
+            continue
+        if in_traceback:
+            if line.startswith((" ", "\t")):
+                continue
+            in_traceback = False
+            out.append(f"{line}  (details in train.log)")
+            last_bar = None
             continue
         m = _BAR.match(line)
         bar = m.group(1) if m else None

@@ -25,6 +25,8 @@ CSS = """
 .sdl-progress .sdl-line { display: flex; flex-wrap: wrap; gap: 4px 16px; font-size: var(--text-md); }
 .sdl-progress .sdl-state { font-weight: 600; }
 .sdl-progress .sdl-msg { color: var(--body-text-color-subdued); font-size: var(--text-sm); }
+.sdl-progress[data-state="failed"] .sdl-msg { color: #b91c1c; font-size: var(--text-md); }
+.dark .sdl-progress[data-state="failed"] .sdl-msg { color: #f87171; }
 .sdl-check { font-size: var(--text-md); }
 .sdl-check .bad { color: #b91c1c; }
 .dark .sdl-check .bad { color: #f87171; }
