@@ -296,6 +296,12 @@ def test_training_failure_is_reported(app, client, tmp_path):
                   "the failure")
     assert st["state"] == "failed", st
     assert st["message"] and "Traceback" not in st["message"]
+    # The page's log view of the run says why, without a traceback.
+    from sdlora.train.runs import RunDir
+    from sdlora.ui.runview import live_view
+
+    view = live_view(RunDir(app.runs_dir / "fail-run"))
+    assert "failed" in view["progress"] and "broken" in view["log"] and "Traceback" not in view["log"]
     # The app keeps serving, and the next start works.
     assert client.predict(dataset_name="fail-set", api_name="/check_dataset")
 

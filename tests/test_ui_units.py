@@ -221,3 +221,26 @@ def test_error_messages_name_the_setting():
     assert title == "Invalid setting" and "network_dim" in text and "out of range" in text
     title, text = message_for(RuntimeError("boom"))
     assert title == "Unexpected error" and "boom" in text and "Traceback" not in text
+
+
+# ---- base models -------------------------------------------------------------------------------
+def test_bundled_model_is_preselected_then_the_models_folder(tmp_path, tiny_model_dir, monkeypatch):
+    import shutil
+
+    import sdlora.models.loading as loading
+    from sdlora.ui.context import AppContext
+    from sdlora.ui.server import ServerOptions
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models / "mine")
+    (models / "notes.txt").write_text("not a model")
+    monkeypatch.setattr(loading, "DEFAULT_BASE", Path(tiny_model_dir))  # stands in for sample_data/demo-model
+    ctx = AppContext(ServerOptions(runs_dir=tmp_path / "runs", models_dir=models))
+    choices, value = ctx.base_dropdown()
+    assert value == "demo"
+    assert [v for _, v in choices] == ["demo", str((models / "mine").resolve())]
+    assert ctx.check_base("demo") == "demo"
+    with pytest.raises(UIError, match="not one of the listed"):
+        ctx.check_base(str(tiny_model_dir))  # a real model folder, but not one the app lists
+    with pytest.raises(UIError):
+        ctx.run_path("../outside")
