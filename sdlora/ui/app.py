@@ -9,7 +9,6 @@ Handlers only call the library's public API - :func:`sdlora.data.scan_dataset`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,8 +17,9 @@ import gradio as gr
 from ..paths import safe_name
 from . import datasets as ds
 from . import form, runview
+from .dataview import CHECK_FIELDS, dataset_view
 from .context import AppContext
-from .errors import UIError, esc, guarded
+from .errors import UIError, esc, guarded, log
 from .server import ServerOptions
 
 DEFAULT_GRID = "0, 0.25, 0.5, 0.75, 1, 1.25"
@@ -28,19 +28,6 @@ WHERE_TO_PUT = ("**Where the file goes:** Automatic1111/Forge: `models/Lora/`, t
                 "the prompt. ComfyUI: `models/loras/`, then add a *Load LoRA* node. diffusers: "
                 "`pipe.load_lora_weights(\"{name}\")`.")
 RESOLUTION_FIELDS = ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
-CHECK_FIELDS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-                "bucket_no_upscale", "caption_template", "caption_extension")
-
-
-@dataclass
-class DatasetView:
-    """What the dataset tab shows: usable images (path, label), their names, the check, the problems."""
-
-    gallery: list[tuple[str, str]]
-    names: list[str]
-    html: str
-    problems: list[str]
-    skipped: list[str] = field(default_factory=list)
 
 
 class App:
@@ -56,86 +43,9 @@ class App:
     def _folder(self, name: str, *, create: bool = False) -> Path:
         return ds.dataset_dir(self.ctx.runs_dir, name, create=create)
 
-    def _dataset_view(self, folder: Path, trigger_word: str, check: dict[str, Any],
-                      refused: Sequence[str] = ()) -> DatasetView:
-        """Scan the dataset with the training loader's own check and render gallery and report."""
-        from ..data import NoUsableImagesError, scan_dataset
-        from ..train import data_glue
-        from ..train.config import ConfigError, TrainConfig
-
-        parts = ['<div class="sdl-check" id="sdl-check">']
-        problems = list(refused)
-        if refused:
-            parts.append(f'<div class="bad"><b>{len(refused)} upload(s) were not added:</b></div><ul>')
-            parts.extend(f"<li>{esc(r)}</li>" for r in refused)
-            parts.append("</ul>")
-        if not folder.is_dir() or not any(folder.iterdir()):
-            parts.append('<div><b class="bad">The dataset is empty.</b> Upload images (or a .zip of them) to '
-                         "train on.</div></div>")
-            return DatasetView([], [], "".join(parts), problems + ["The dataset is empty: upload images first."])
-        values = {k: form.parse_value(_field(k), v) for k, v in check.items() if k in CHECK_FIELDS}
-        try:
-            scan = scan_dataset(folder, caption_extension=values.get("caption_extension", ".txt"))
-            usable = True
-        except NoUsableImagesError as e:
-            scan, usable = e.scan, False
-        gallery, names = [], []
-        for item in scan.items:
-            name = _rel(folder, item.path)
-            cap = (item.caption or "").strip()
-            gallery.append((str(item.path), f"{name}: {cap}" if cap else f"{name} (no caption)"))
-            names.append(name)
-        warnings = list(scan.warnings)
-        if usable:
-            # Buckets and captions exactly as the trainer builds them from these settings.
-            cfg = TrainConfig.from_dict(dict(values, trigger_word=(trigger_word or "").strip(),
-                                             train_data_dir=str(folder)), validate=False)
-            bucket_text = ""
-            buckets: Any = None
-            try:
-                buckets = data_glue.bucket_config(cfg)
-            except ValueError as e:
-                bucket_text = f'<span class="bad">The bucket settings are invalid: {esc(e)}</span>'
-            captions = None
-            try:
-                captions = data_glue.caption_config(cfg)
-            except (ValueError, ConfigError) as e:
-                problems.append(str(e))
-            summary = scan.summary(buckets if buckets is not None else 512, captions)
-            warnings = summary.get("warnings", warnings)
-            if buckets is not None:
-                hist = summary["buckets"]
-                bucket_text = (f"{len(hist)} bucket(s): "
-                               + ", ".join(f"{esc(k)} px &times; {v}" for k, v in hist.items()))
-            parts.append(f'<div><b>{summary["images"]} image(s) will be used</b> '
-                         f'({summary["images_with_repeats"]} per epoch with repeats, '
-                         f'{summary["captioned"]} with a caption file). {bucket_text}</div>')
-            if summary.get("example_captions"):
-                parts.append('<div class="sdl-hint">Training captions, e.g.: '
-                             + " | ".join(f"<code>{esc(c)}</code>" if c else "<i>(empty)</i>"
-                                          for c in summary["example_captions"][:3])
-                             + "</div>")
-        else:
-            parts.append('<div><b class="bad">No usable image: training cannot start.</b> Upload images '
-                         "(PNG, JPEG, WebP, ...).</div>")
-            problems.append("No usable image in the dataset.")
-        if scan.skipped:
-            parts.append(f'<div class="bad"><b>{len(scan.skipped)} file(s) cannot be used and will be skipped:</b>'
-                         "</div><ul>")
-            for sk in scan.skipped:
-                rel = _rel(folder, sk.path)
-                parts.append(f"<li><code>{esc(rel)}</code>: {esc(sk.reason)}</li>")
-                problems.append(f"{rel}: {sk.reason}")
-            parts.append("</ul>")
-        for w in warnings:
-            parts.append(f'<div class="sdl-hint">Note: {esc(w)}</div>')
-            problems.append(w)
-        parts.append("</div>")
-        return DatasetView(gallery, names, "".join(parts), problems, [_rel(folder, sk.path) for sk in scan.skipped])
-
     def _dataset_outputs(self, folder: Path, trigger_word: str, check: dict[str, Any], refused: Sequence[str] = ()):
         """(gallery, check, dataset lists x2, gallery names) for the dataset tab; problems also as a toast."""
-        view = self._dataset_view(folder, trigger_word, check, refused)
+        view = dataset_view(folder, trigger_word, check, refused)
         if view.problems:
             shown = view.problems[:8]
             if len(view.problems) > 8:
@@ -183,7 +93,7 @@ class App:
     @guarded
     def check_dataset(self, dataset_name: str, trigger_word: str = "", **check: Any) -> str:
         """The dataset check alone: usable images, buckets and every unusable file with its reason."""
-        return self._dataset_view(self._folder(dataset_name), trigger_word, check).html
+        return dataset_view(self._folder(dataset_name), trigger_word, check).html
 
     @guarded
     def select_image(self, dataset_name: str, names: list[str] | None, evt: gr.SelectData):
@@ -204,7 +114,7 @@ class App:
         folder = self._folder(dataset_name)
         ds.write_caption(folder, image, caption or "")
         gr.Info(f"Caption of {image} saved.")
-        view = self._dataset_view(folder, trigger_word, check)
+        view = dataset_view(folder, trigger_word, check)
         return view.gallery, view.html, view.names
 
     @guarded
@@ -220,7 +130,7 @@ class App:
     def remove_unusable(self, dataset_name: str, trigger_word: str = "", **check: Any):
         """Delete the files the dataset check lists as unusable."""
         folder = self._folder(dataset_name)
-        view = self._dataset_view(folder, trigger_word, check)
+        view = dataset_view(folder, trigger_word, check)
         for rel in view.skipped:
             ds.remove_image(folder, rel)
         gr.Info(f"Removed {len(view.skipped)} unusable file(s).")
@@ -310,7 +220,7 @@ class App:
         try:
             return self._poll(watch, signature)
         except Exception:  # noqa: BLE001 - a tick must never break the page; the next one retries
-            runview_log().exception("poll failed")
+            log.exception("poll failed")
             return (gr.skip(),) * 7
 
     def _poll(self, watch: str | None, signature: tuple | None):
@@ -607,7 +517,7 @@ class App:
             return gr.skip(), gr.skip(), gr.skip()
         if not folder.is_dir():
             return gr.skip(), gr.skip(), gr.skip()
-        view = self._dataset_view(folder, trigger_word, check)
+        view = dataset_view(folder, trigger_word, check)
         return view.gallery, view.html, view.names
 
     # =========================================================================================
@@ -887,34 +797,12 @@ def _identity(value: Any) -> Any:
     return value
 
 
-def runview_log():
-    from .errors import log
-
-    return log
-
-
 def _resolution_values(res: int) -> dict[str, int]:
     """Resolution, bucket limits and preview size that suit a base model of native size ``res``."""
     res = max(64, int(res) // 8 * 8)
     steps = 64 if res % 64 == 0 else 8
     return {"resolution": res, "min_bucket_reso": max(steps, res // 2 // steps * steps), "max_bucket_reso": res * 2,
             "bucket_reso_steps": steps, "width": res, "height": res}
-
-
-def _field(name: str) -> dict[str, Any]:
-    from ..train.config import TrainConfig
-
-    for f in TrainConfig.field_info():
-        if f["name"] == name:
-            return f
-    raise KeyError(name)
-
-
-def _rel(folder: Path, path: Path) -> str:
-    try:
-        return Path(path).relative_to(folder).as_posix()
-    except ValueError:
-        return Path(path).name
 
 
 def _table_rows(value: Any) -> list[list[Any]]:

@@ -51,6 +51,14 @@ PRESET_CHOICES = [("Style", "style"), ("Subject with prior preservation", "subje
 _PRESET_KEEP = set(PAGE_SET) | {"resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "seed"}
 
 
+def field(name: str) -> dict[str, Any]:
+    """The field description of one config option."""
+    for f in TrainConfig.field_info():
+        if f["name"] == name:
+            return f
+    raise ConfigError(name, "unknown option")
+
+
 def form_fields() -> list[dict[str, Any]]:
     """The fields the form shows, in dataclass order."""
     return [f for f in TrainConfig.field_info() if f.get("ui", True) and f["name"] not in PAGE_SET]

@@ -1,0 +1,115 @@
+"""The dataset check of the Dataset tab: the training loader's own scan, rendered for people.
+
+Which files are usable, and how many images land in which bucket, come from
+:func:`sdlora.data.scan_dataset` and the trainer's own bucket and caption settings
+(:mod:`sdlora.train.data_glue`), so the page shows exactly what training will use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import form
+from .errors import esc
+
+#: Training options the check depends on (bucketing and captions).
+CHECK_FIELDS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+                "bucket_no_upscale", "caption_template", "caption_extension")
+
+
+@dataclass
+class DatasetView:
+    """What the dataset tab shows: usable images (path, label), their names, the check as HTML, the
+    problems worth a message box, and the unusable files (relative names)."""
+
+    gallery: list[tuple[str, str]]
+    names: list[str]
+    html: str
+    problems: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+def dataset_view(folder: Path, trigger_word: str, check: dict[str, Any], refused: Sequence[str] = ()) -> DatasetView:
+    """Scan the dataset with the training loader's own check and render gallery and report."""
+    from ..data import NoUsableImagesError, scan_dataset
+    from ..train import data_glue
+    from ..train.config import ConfigError, TrainConfig
+
+    parts = ['<div class="sdl-check" id="sdl-check">']
+    problems = list(refused)
+    if refused:
+        parts.append(f'<div class="bad"><b>{len(refused)} upload(s) were not added:</b></div><ul>')
+        parts.extend(f"<li>{esc(r)}</li>" for r in refused)
+        parts.append("</ul>")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        parts.append('<div><b class="bad">The dataset is empty.</b> Upload images (or a .zip of them) to '
+                     "train on.</div></div>")
+        return DatasetView([], [], "".join(parts), problems + ["The dataset is empty: upload images first."])
+    values = {k: form.parse_value(form.field(k), v) for k, v in check.items() if k in CHECK_FIELDS}
+    try:
+        scan = scan_dataset(folder, caption_extension=values.get("caption_extension", ".txt"))
+        usable = True
+    except NoUsableImagesError as e:
+        scan, usable = e.scan, False
+    gallery, names = [], []
+    for item in scan.items:
+        name = _rel(folder, item.path)
+        cap = (item.caption or "").strip()
+        gallery.append((str(item.path), f"{name}: {cap}" if cap else f"{name} (no caption)"))
+        names.append(name)
+    warnings = list(scan.warnings)
+    if usable:
+        # Buckets and captions exactly as the trainer builds them from these settings.
+        cfg = TrainConfig.from_dict(dict(values, trigger_word=(trigger_word or "").strip(),
+                                         train_data_dir=str(folder)), validate=False)
+        bucket_text = ""
+        buckets: Any = None
+        try:
+            buckets = data_glue.bucket_config(cfg)
+        except ValueError as e:
+            bucket_text = f'<span class="bad">The bucket settings are invalid: {esc(e)}</span>'
+        captions = None
+        try:
+            captions = data_glue.caption_config(cfg)
+        except (ValueError, ConfigError) as e:
+            problems.append(str(e))
+        summary = scan.summary(buckets if buckets is not None else 512, captions)
+        warnings = summary.get("warnings", warnings)
+        if buckets is not None:
+            hist = summary["buckets"]
+            bucket_text = (f"{len(hist)} bucket(s): "
+                           + ", ".join(f"{esc(k)} px &times; {v}" for k, v in hist.items()))
+        parts.append(f'<div><b>{summary["images"]} image(s) will be used</b> '
+                     f'({summary["images_with_repeats"]} per epoch with repeats, '
+                     f'{summary["captioned"]} with a caption file). {bucket_text}</div>')
+        if summary.get("example_captions"):
+            parts.append('<div class="sdl-hint">Training captions, e.g.: '
+                         + " | ".join(f"<code>{esc(c)}</code>" if c else "<i>(empty)</i>"
+                                      for c in summary["example_captions"][:3])
+                         + "</div>")
+    else:
+        parts.append('<div><b class="bad">No usable image: training cannot start.</b> Upload images '
+                     "(PNG, JPEG, WebP, ...).</div>")
+        problems.append("No usable image in the dataset.")
+    if scan.skipped:
+        parts.append(f'<div class="bad"><b>{len(scan.skipped)} file(s) cannot be used and will be skipped:</b>'
+                     "</div><ul>")
+        for sk in scan.skipped:
+            rel = _rel(folder, sk.path)
+            parts.append(f"<li><code>{esc(rel)}</code>: {esc(sk.reason)}</li>")
+            problems.append(f"{rel}: {sk.reason}")
+        parts.append("</ul>")
+    for w in warnings:
+        parts.append(f'<div class="sdl-hint">Note: {esc(w)}</div>')
+        problems.append(w)
+    parts.append("</div>")
+    return DatasetView(gallery, names, "".join(parts), problems, [_rel(folder, sk.path) for sk in scan.skipped])
+
+
+def _rel(folder: Path, path: Path) -> str:
+    try:
+        return Path(path).relative_to(folder).as_posix()
+    except ValueError:
+        return Path(path).name
