@@ -143,6 +143,22 @@ def test_zip_entries_cannot_escape_and_bombs_are_stopped(tmp_path):
     assert files == sorted(["set.zip"] + [f"runs/_datasets/z/{n}" for n in report.added])
 
 
+def test_zip_keeps_kohya_repeat_folders(tmp_path):
+    z = tmp_path / "k.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("set/10_mystyle/a.png", _png_bytes())
+        zf.writestr("set/10_mystyle/a.txt", "a caption")
+        zf.writestr("set/plain/b.png", _png_bytes())
+        zf.writestr("other/b.png", _png_bytes((1, 1, 1)))
+    folder = tmp_path / "ds"
+    report = ds.add_files(folder, [("k.zip", z)], max_bytes=10**6)
+    assert sorted(report.added) == ["10_mystyle/a.png", "10_mystyle/a.txt", "b-2.png", "b.png"]
+    assert (folder / "10_mystyle" / "a.txt").read_text() == "a caption"
+    assert [ds.relative_name(folder, p) for p in ds.image_files(folder)] == ["10_mystyle/a.png", "b-2.png", "b.png"]
+    ds.write_caption(folder, "10_mystyle/a.png", "new")
+    assert (folder / "10_mystyle" / "a.txt").read_text() == "new\n"
+
+
 def test_broken_zip_is_a_readable_refusal(tmp_path):
     z = tmp_path / "bad.zip"
     z.write_bytes(b"PK\x03\x04 not really")
@@ -244,3 +260,32 @@ def test_bundled_model_is_preselected_then_the_models_folder(tmp_path, tiny_mode
         ctx.check_base(str(tiny_model_dir))  # a real model folder, but not one the app lists
     with pytest.raises(UIError):
         ctx.run_path("../outside")
+
+
+def test_app_py_help_and_bad_option(capsys):
+    from sdlora.ui.server import main as ui_main
+
+    with pytest.raises(SystemExit) as e:
+        ui_main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--host", "--port", "--auth", "--runs-dir", "--models-dir", "--max-upload-mb", "--share"):
+        assert opt in out
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "app.py"), "--port", "-1"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "python app.py: error: --port" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.xfail(reason="sdlora/cli.py hands `sdlora ui` its arguments through argparse.REMAINDER, which "
+                          "rejects option-like arguments (--help, --port ...)", strict=False)
+def test_sdlora_ui_passes_its_options(capsys):
+    from sdlora.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(["ui", "--help"])
+    assert e.value.code == 0
+    assert "--max-upload-mb" in capsys.readouterr().out

@@ -531,7 +531,10 @@ class App:
         res_values = _resolution_values(ctx.base_resolution(base_value) or 512)
         datasets = ds.list_datasets(ctx.runs_dir)
         styles = ds.list_style_sets()
-        with gr.Blocks(title="sdlora: train style LoRAs", analytics_enabled=False) as demo:
+        # Generated previews and copies of served files go to gradio's cache: files older than a day
+        # are removed every hour so a long-running app does not fill the disk.
+        with gr.Blocks(title="sdlora: train style LoRAs", analytics_enabled=False,
+                       delete_cache=(3600, 86400)) as demo:
             gr.Markdown("## sdlora: train a style LoRA\n"
                         "<span class='sdl-hint'>1. Dataset: upload images &nbsp; 2. Train &nbsp; 3. Preview with the "
                         "LoRA-scale slider &nbsp; 4. Export the file for A1111, ComfyUI, kohya or diffusers.</span>")

@@ -12,6 +12,7 @@ training will use.
 
 from __future__ import annotations
 
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ KEPT_EXTENSIONS = frozenset(IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS | {C
 #: (a guard against zip bombs; real image zips barely compress).
 MAX_ZIP_MEMBERS = 10_000
 _COPY_CHUNK = 1 << 20
+_REPEATS = re.compile(r"^\d+_.+")
 
 
 def repo_root() -> Path:
@@ -97,11 +99,11 @@ def _unique(name: str, taken: set[str]) -> str:
     """``name``, or ``stem-2.ext`` ... when another file of the same upload already took it."""
     if name not in taken:
         return name
-    stem, suffix = Path(name).stem, Path(name).suffix
+    path = Path(name)
     n = 2
-    while f"{stem}-{n}{suffix}" in taken:
+    while (path.parent / f"{path.stem}-{n}{path.suffix}").as_posix() in taken:
         n += 1
-    return f"{stem}-{n}{suffix}"
+    return (path.parent / f"{path.stem}-{n}{path.suffix}").as_posix()
 
 
 def _refusal(original: str, max_bytes: int, size: int) -> str | None:
@@ -209,7 +211,9 @@ def _add_zip(folder: Path, display: str, src: Path, max_bytes: int, taken: set[s
             if m.file_size > budget:
                 report.rejected.append((label, "the archive unpacks to more than allowed"))
                 continue
-            name = _unique(safe_name(parts[-1]), taken)
+            # Kohya repeat folders ("10_mystyle/") keep their meaning; other folders are flattened.
+            sub = safe_name(parts[-2], default="") if len(parts) > 1 and _REPEATS.match(parts[-2]) else ""
+            name = _unique(f"{sub}/{safe_name(parts[-1])}" if sub else safe_name(parts[-1]), taken)
             target = folder / name
             if not inside(folder, target):
                 report.rejected.append((label, "not a usable file name"))
