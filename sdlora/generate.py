@@ -89,8 +89,9 @@ class Previewer:
 
     ``pipe`` is a diffusers ``StableDiffusionPipeline``, an object with a ``.pipe`` attribute (such
     as ``sdlora.models.loading.BaseModel``), or a base-model spec for ``load_base`` (a hub id, a
-    diffusers folder, a single file, "tiny"; None = the bundled demo model). The effective multiplier of adapter ``n`` is
-    ``scale * weight[n]``; ``scale`` 0 gives the base model exactly, negative values are allowed.
+    diffusers folder, a single file, "tiny"; None = the bundled demo model). The effective
+    multiplier of adapter ``n`` is ``scale * weight[n]``; ``scale`` 0 gives the base model
+    exactly, negative values are allowed.
     """
 
     def __init__(self, pipe: Any = None) -> None:
