@@ -101,6 +101,16 @@ def test_browser_end_to_end(app, browser, artifacts_dir, tmp_path):
     ui = Page(browser, app.url, tmp_path)
     page = ui.page
 
+    # ---- An error is a readable message box, not a traceback ---------------------------------------
+    ui.tab("Train")
+    page.locator("#tr-start").click()
+    ui.wait("[...document.querySelectorAll('[data-testid=toast-body]')].some(t => t.innerText.includes('dataset'))")
+    assert not any("Traceback" in t for t in ui.toasts())
+    ui.shot(artifacts_dir / "ui-error-message.png")
+    for close in page.locator("[data-testid=toast-close]").all():
+        close.click()
+    ui.tab("Dataset")
+
     # ---- Dataset: upload many images (with captions) and a zip at once --------------------------
     page.locator("#ds-name textarea, #ds-name input").first.fill("browser-set")
     page.locator("#ds-trigger textarea, #ds-trigger input").first.fill("zq")

@@ -623,7 +623,9 @@ class App:
                                                 height=260, elem_id="tr-loss", scale=3)
                         samples = gr.Gallery(label="Newest samples", columns=4, height=260, object_fit="contain",
                                              elem_id="tr-samples", scale=2)
-                    log_box = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False,
+                    log_box = gr.Textbox(label="Log (newest lines; the whole log is train.log in the run folder)",
+                                         lines=runview.LOG_TAIL_LINES, max_lines=runview.LOG_TAIL_LINES,
+                                         autoscroll=True, interactive=False,
                                          elem_id="sdl-log")
                     runs_df = gr.Dataframe(headers=runview.RUNS_HEADERS, value=runview.runs_table(ctx.runs_dir),
                                            label="Runs", interactive=False, wrap=True, elem_id="tr-runs",

@@ -18,7 +18,8 @@ from .errors import esc
 RUNS_HEADERS = ["run", "state", "step", "message", "updated"]
 MAX_PLOT_POINTS = 1500
 LOG_TAIL_BYTES = 24_000
-LOG_TAIL_LINES = 200
+#: Lines of the log the page shows: the newest ones, all visible without scrolling.
+LOG_TAIL_LINES = 14
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _BAR = re.compile(r"^(.*?):?\s*\d{1,3}%\|")
 
@@ -147,7 +148,7 @@ def log_tail(run: RunDir, max_bytes: int = LOG_TAIL_BYTES) -> str:
         lines = []
         for ev in run.events({"message", "warning", "failed", "done", "stopped"}):
             lines.append(f"{ev['type']}: {ev.get('text') or ev.get('error') or ev.get('lora_path') or ''}")
-        return "\n".join(lines[-200:])
+        return "\n".join(lines[-LOG_TAIL_LINES:])
 
 
 def clean_log_lines(lines: list[str]) -> list[str]:
