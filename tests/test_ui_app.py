@@ -321,3 +321,19 @@ def test_bad_lora_files_are_readable_errors(client, tiny_spec, tmp_path):
     with pytest.raises(AppError) as e:
         client.predict(lora_runs=["no-such-run"], **kw)
     assert "no run named" in _message(e)
+
+
+def test_bundled_style_set_becomes_an_editable_dataset(app, client):
+    from sdlora.ui.datasets import list_style_sets
+
+    styles = list_style_sets()
+    if not styles:
+        pytest.skip("no bundled style sets in sample_data/styles")
+    gallery, check, *_ = client.predict(dataset_name="from-bundle", style=styles[0], trigger_word="zq",
+                                        api_name="/use_style_set")
+    folder = app.runs_dir / "_datasets" / "from-bundle"
+    assert len(gallery) == len(list(folder.glob("*.png"))) > 0
+    assert f"{len(gallery)} image(s) will be used" in check
+    with pytest.raises(AppError) as e:
+        client.predict(dataset_name="x", style="../../etc", api_name="/use_style_set")
+    assert "not a bundled style set" in _message(e)
