@@ -336,4 +336,5 @@ def test_bundled_style_set_becomes_an_editable_dataset(app, client):
     assert f"{len(gallery)} image(s) will be used" in check
     with pytest.raises(AppError) as e:
         client.predict(dataset_name="x", style="../../etc", api_name="/use_style_set")
-    assert "not a bundled style set" in _message(e)
+    assert "../../etc" in _message(e) and "Traceback" not in _message(e)  # gradio's own choice check
+    assert not (app.runs_dir / "_datasets" / "x").exists()
