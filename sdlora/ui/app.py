@@ -225,22 +225,24 @@ class App:
 
     def _poll(self, watch: str | None, signature: tuple | None):
         runs_sig = runview.runs_signature(self.ctx.runs_dir)
-        old_runs_sig, old_run_sig, old_watch, old_running, old_state = signature or (None,) * 5
-        running = old_running
+        old_runs_sig, old_run_sig, old_watch, old_running, old_state, old_names = signature or (None,) * 6
+        running, names = old_running, old_names
         table: Any = gr.skip()
         watch_update: Any = gr.skip()
         if runs_sig != old_runs_sig:
             table = runview.runs_table(self.ctx.runs_dir)
-            names = [row[0] for row in table]
+            names = tuple(row[0] for row in table)
             now_running = [row[0] for row in table if row[1] in ("running", "queued")]
             running = now_running[0] if now_running else None
             # A run that starts (in another tab, or from the CLI) is shown; otherwise the page keeps
             # showing the run the user picked.
+            shown = watch
             if running and running != old_running:
                 watch = running
             if (not watch or watch not in names) and names:
                 watch = names[0]
-            watch_update = gr.update(choices=names, value=watch)
+            if names != old_names or watch != shown:
+                watch_update = gr.update(choices=list(names), value=watch)
         progress: Any = gr.skip()
         loss: Any = gr.skip()
         samples: Any = gr.skip()
@@ -272,7 +274,7 @@ class App:
                 state = new_state
         elif old_watch is not None or signature is None:
             progress, loss, samples, log = runview.progress_html(None, None), runview.loss_frame([]), [], ""
-        return progress, loss, samples, log, table, watch_update, (runs_sig, run_sig, watch, running, state)
+        return progress, loss, samples, log, table, watch_update, (runs_sig, run_sig, watch, running, state, names)
 
     def pick_run(self, evt: gr.SelectData):
         """Clicking a row of the runs table shows that run."""
