@@ -247,7 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_PASS_THROUGH = {"ui": "sdlora.ui.server", "demo-base": "sdlora.models.demo.train_base"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _PASS_THROUGH:
+        # These commands own their options (and --help); hand them everything after the name.
+        import importlib
+
+        module = importlib.import_module(_PASS_THROUGH[argv[0]])
+        return int(module.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     from .train.config import ConfigError
 

@@ -280,8 +280,6 @@ def test_app_py_help_and_bad_option(capsys):
     assert r.returncode == 2 and "python app.py: error: --port" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.xfail(reason="sdlora/cli.py hands `sdlora ui` its arguments through argparse.REMAINDER, which "
-                          "rejects option-like arguments (--help, --port ...)", strict=False)
 def test_sdlora_ui_passes_its_options(capsys):
     from sdlora.cli import main as cli_main
 
