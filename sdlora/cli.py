@@ -122,8 +122,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
             raise UserError(f"--grid {a.grid}: give comma-separated numbers, e.g. 0,0.5,1") from None
         from .generate import image_grid
 
-        pairs = prev.scale_grid(scales, **kw)
-        img = image_grid([im for _, im in pairs], labels=[f"scale {s:g}" for s, _ in pairs])
+        images = prev.scale_grid(scales, **kw)
+        img = image_grid(images, labels=[f"scale {s:g}" for s in scales])
     else:
         img = prev.generate(scale=a.scale, **kw)[0]
     from .paths import atomic_path
@@ -150,7 +150,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from .lora.formats import export_from
 
-    out = export_from(a.source, fmt=a.format, out=a.out, step=a.step, rank=a.rank)
+    out = export_from(a.source, fmt=a.format, out=a.out, step=a.step, rank=a.rank, base=a.base)
     print(out)
     return 0
 
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--step", type=int, default=None, help="export this checkpoint step of a run")
     e.add_argument("--rank", type=int, default=None, help="export at this rank (DyLoRA truncation or SVD)")
+    e.add_argument("--base", default=None, help="base model that names the layers of a file made for a model that "
+                   "is not SD 1.x/2.x-sized (a run directory uses its own)")
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("tiny-model", help="write a tiny random-weight SD model (diffusers folder) for tests")

@@ -54,6 +54,22 @@ def _family_of(metadata: Mapping[str, str], entries: Mapping[str, Any]) -> tuple
     return family, pred
 
 
+def models_for(family: str, prediction_type: str, base: str | os.PathLike[str] | None):
+    """(UNet, text encoder) whose module tree names the file's layers: the meta-device SD tree for
+    SD 1.x / 2.x files; for other shapes (e.g. the bundled demo model) the given base model."""
+    if family in ("sd1", "sd2") or base is None:
+        if family not in ("sd1", "sd2"):
+            raise LoraFileError(
+                f"The layer shapes fit no SD 1.x / 2.x model (family: {family}); give the base model the LoRA was "
+                "trained on (sdlora export --base MODEL)."
+            )
+        return meta_models(family, prediction_type)
+    from ...models.loading import load_base
+
+    loaded = load_base(str(base))
+    return loaded.unet, loaded.text_encoder
+
+
 def weights_from_checkpoint(state: Mapping[str, torch.Tensor], spec) -> LoraWeights:
     """Plain weights from an adapter checkpoint (``LoraAdapter.state_dict()``) of the ``lora`` method.
 
@@ -97,6 +113,7 @@ def export_from(
     rank: int | None = None,
     dtype: str | torch.dtype | None = None,
     metadata: Mapping[str, Any] | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write ``source`` as a ``fmt`` ("kohya" / "diffusers") LoRA file and return its path.
 
@@ -104,7 +121,8 @@ def export_from(
     ``<name>.safetensors``, or with ``step`` the adapter of ``checkpoints/step-<step>``.
     ``rank`` re-ranks every layer above it by truncated SVD of its delta. ``out`` defaults to
     ``<source folder>/exports/<name>[-step<N>][-r<rank>][-diffusers].safetensors``. The kohya
-    ``ss_*`` metadata of the source file is carried over.
+    ``ss_*`` metadata of the source file is carried over. ``base`` (a base-model spec) names the
+    layers of files whose shapes fit no SD 1.x / 2.x model; a run directory uses its own base.
     """
     from . import match_to_model, read_lora_file, save_lora
 
@@ -143,11 +161,15 @@ def export_from(
             if not run.lora_path.is_file():
                 raise LoraFileError(f"Run {src} has no final LoRA ({run.lora_path.name}); pick one of its checkpoints.")
             src = run.lora_path
+            if base is None:
+                base = run.load_config().pretrained_model_name_or_path
         file = read_lora_file(src)
         family, pred = _family_of(file.metadata, file_entries(file.tensors, file.format)[0])
-        if family not in ("sd1", "sd2"):
+        if family == "sdxl":
             raise LoraFileError(f"{src} is a LoRA for {family}; only SD 1.x and SD 2.x files can be exported here.")
-        unet, text_encoder = meta_models(family, pred)
+        unet, text_encoder = models_for(family, pred, base)
+        if family not in ("sd1", "sd2"):
+            family = file.metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v2") and "sd2" or "sd1"
         weights, unknown = match_to_model(file, unet, text_encoder)
         if unknown:
             raise LoraFileError(f"{src}: {len(unknown)} key(s) match no {family} layer (e.g. {unknown[0]}); not exporting a partial file.")
