@@ -41,13 +41,17 @@ def save_checkpoint(path: Path, *, step: int, adapter, optimizer, lr_scheduler,
     """Write a complete checkpoint folder atomically. ``extra`` must be JSON-serialisable."""
     with atomic_dir(path) as tmp:
         save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(tmp / "adapter.safetensors"))
+        extra_tensors, extra_json = _split_extra(adapter.method.extra_state(adapter))
+        if extra_tensors:
+            save_file(extra_tensors, str(tmp / "method.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         tensors = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"cuda{i}"] = s
         save_file(tensors, str(tmp / "rng.safetensors"))
-        state = dict(step=step, rng=rng_state(), lr_scheduler=_jsonable(lr_scheduler.state_dict()), **extra)
+        state = dict(step=step, rng=rng_state(), lr_scheduler=_jsonable(lr_scheduler.state_dict()), method=extra_json,
+                     **extra)
         (tmp / "state.json").write_text(json.dumps(state))
     return path
 
@@ -55,6 +59,11 @@ def save_checkpoint(path: Path, *, step: int, adapter, optimizer, lr_scheduler,
 def load_checkpoint(path: Path, *, adapter, optimizer, lr_scheduler) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns its state dict (step, extra)."""
     state = json.loads((path / "state.json").read_text())
+    method_state = dict(state.get("method") or {})
+    if (path / "method.safetensors").is_file():
+        method_state.update(load_file(str(path / "method.safetensors")))
+    if method_state:
+        adapter.method.load_extra_state(adapter, method_state)
     adapter.load_state_dict(load_file(str(path / "adapter.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -62,6 +71,11 @@ def load_checkpoint(path: Path, *, adapter, optimizer, lr_scheduler) -> dict[str
     cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
     set_rng_state(state["rng"], rng["torch"], cuda)
     return state
+
+
+def _split_extra(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return tensors, {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
 
 
 def prune_checkpoints(checkpoints: list[Path], keep: int) -> None:

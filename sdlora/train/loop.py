@@ -222,6 +222,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     while step < cfg.max_train_steps:
         t0 = time.perf_counter()
         losses, prior_losses = [], []
+        adapter.method.before_step(adapter, step=step, total_steps=cfg.max_train_steps)
         for micro in range(cfg.gradient_accumulation_steps):
             batch = data.next_batch()
             final = micro == cfg.gradient_accumulation_steps - 1
@@ -234,6 +235,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
+        adapter.method.after_optimizer_step(adapter, step=step, total_steps=cfg.max_train_steps, optimizer=optimizer)
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

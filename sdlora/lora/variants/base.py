@@ -114,3 +114,20 @@ class AdapterMethod(ABC):
         ``conv_dim``/``conv_alpha`` are derived from the exported weights by the file writer.
         """
         return {}
+
+    # Training hooks ---------------------------------------------------------------------------------
+    # The loop calls these for every method; the defaults do nothing. Methods whose adapters change
+    # during training (rank budgets, sampled ranks, layer sharing, base-weight updates) use them.
+    def before_step(self, adapter: "LoraAdapter", *, step: int, total_steps: int) -> None:
+        """Called before the forward pass of optimizer step ``step`` (0-based)."""
+
+    def after_optimizer_step(self, adapter: "LoraAdapter", *, step: int, total_steps: int, optimizer: Any) -> None:
+        """Called right after ``optimizer.step()`` of step ``step`` (0-based), before ``zero_grad``."""
+
+    def extra_state(self, adapter: "LoraAdapter") -> dict[str, Any]:
+        """Anything beyond the adapter's parameters that a checkpoint must keep for an exact resume
+        (tensors and JSON-serialisable values), e.g. changed base weights or a layer-sharing plan."""
+        return {}
+
+    def load_extra_state(self, adapter: "LoraAdapter", state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned (called before the parameters are loaded)."""
