@@ -14,6 +14,10 @@ from .base import AdapterMethod, adapter_parameters
 # name -> "module:Class" (relative to this package)
 _REGISTRY: dict[str, str] = {
     "lora": ".lora:PlainLora",
+    "dora": ".dora:Dora",
+    "lora_fa": ".lora_fa:LoraFA",
+    "vera": ".vera:Vera",
+    "qlora": ".qlora:QLora",
 }
 
 _instances: dict[str, AdapterMethod] = {}

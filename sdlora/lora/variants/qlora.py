@@ -1,0 +1,143 @@
+"""QLoRA: LoRA on a 4-bit NF4-quantised base model (Dettmers et al. 2023, arXiv:2305.14314).
+
+Before the adapters are injected, every ``nn.Linear`` of the adapted model (UNet, and the text
+encoder when it is trained) is replaced by a ``bitsandbytes.nn.Linear4bit`` holding its weight in
+4-bit NormalFloat (Sec. 3, NF4) with double quantisation of the block scales (Sec. 3, "Double
+Quantization"); computation runs in the original weight's dtype. PEFT then puts its LoRA layers
+for bitsandbytes (``peft.tuners.lora.bnb.Linear4bit``) on the targeted Linear layers; Conv2d layers
+have no 4-bit form and keep full-precision weights with ordinary LoRA adapters on them.
+
+The adapters are trained against the quantised base, so previews during training show the
+quantised model; the exported file is a plain LoRA that other tools apply to the full-precision
+base (the paper's intended use). The paper's paged optimizer is not used: the training loop's
+optimizer choice (``optimizer_type``, e.g. ``AdamW8bit``) applies.
+
+bitsandbytes is an optional dependency. Where it is missing, or cannot run 4-bit layers on the
+model's device (older releases have no CPU path; a CUDA GPU always works), injection stops with
+a :class:`~sdlora.lora.errors.LoraError` that says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LoraError
+from ..spec import LoraSpec
+from ..targets import TargetPlan
+from .lora import PlainLora
+
+QUANT_TYPE = "nf4"
+
+
+def _bitsandbytes() -> Any:
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise LoraError(
+            "network_type 'qlora' needs bitsandbytes for its 4-bit NF4 base weights, and it is not installed "
+            f"({exc}). Install it (pip install bitsandbytes; a CUDA GPU is needed for most releases) or use "
+            "network_type 'lora'."
+        ) from None
+    return bnb
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def check_support(device: torch.device | str) -> None:
+    """Raise :class:`LoraError` unless bitsandbytes can run a 4-bit NF4 layer (forward and backward) on ``device``."""
+    bnb = _bitsandbytes()
+    device = torch.device(device)
+    try:
+        layer = _quantized_copy(bnb, nn.Linear(64, 64, device=device), device)
+        x = torch.randn(2, 64, device=device, requires_grad=True)
+        layer(x).sum().backward()
+        if x.grad is None or not torch.isfinite(x.grad).all():
+            raise RuntimeError("no finite input gradient through the 4-bit layer")
+    except LoraError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure means this device cannot train QLoRA
+        where = "this CPU" if device.type == "cpu" else str(device)
+        raise LoraError(
+            f"network_type 'qlora' cannot run here: bitsandbytes {getattr(bnb, '__version__', '?')} has no working "
+            f"4-bit NF4 path on {where} ({type(exc).__name__}: {exc}). QLoRA needs a CUDA GPU (or a bitsandbytes "
+            "release with CPU 4-bit support); use network_type 'lora' on this machine."
+        ) from None
+
+
+def _quantized_copy(bnb: Any, linear: nn.Linear, device: torch.device) -> nn.Module:
+    """A ``bitsandbytes.nn.Linear4bit`` (NF4, double quantisation) with ``linear``'s weights, on ``device``."""
+    weight = linear.weight.detach()
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=weight.dtype,
+        compress_statistics=True,
+        quant_type=QUANT_TYPE,
+        device="cpu",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        weight.to("cpu", copy=True), requires_grad=False, compress_statistics=True, quant_type=QUANT_TYPE
+    )
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().to("cpu", copy=True), requires_grad=False)
+    layer = layer.to(device)
+    if getattr(layer.weight, "quant_state", None) is None:
+        raise RuntimeError(f"bitsandbytes did not quantise the weight on {device}")
+    return layer
+
+
+def quantize_linear_layers(model: nn.Module) -> int:
+    """Replace every plain ``nn.Linear`` of ``model`` by an NF4 ``Linear4bit`` (in place); returns the count.
+
+    Layers that are already 4-bit, or already wrapped by an adapter, are left alone.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    bnb = _bitsandbytes()
+    device = _device_of(model)
+    check_support(device)
+    count = 0
+    for parent in list(model.modules()):
+        if isinstance(parent, BaseTunerLayer):
+            continue
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                quantized = _quantized_copy(bnb, child, device)
+                quantized.train(child.training)
+                setattr(parent, child_name, quantized)
+                count += 1
+    return count
+
+
+def is_nf4(module: nn.Module) -> bool:
+    """Whether ``module`` holds its weight as 4-bit NF4 (a bitsandbytes ``Linear4bit``)."""
+    weight = getattr(module, "weight", None)
+    return getattr(weight, "quant_type", None) == QUANT_TYPE and getattr(weight, "quant_state", None) is not None
+
+
+class QLora(PlainLora):
+    """LoRA (PEFT) on NF4 base Linear layers; LoRA+, rsLoRA and dropout combine with it."""
+
+    name = "qlora"
+    title = "QLoRA"
+    description = "LoRA on a 4-bit NF4 base model (bitsandbytes; needs a CUDA GPU): far less memory for the frozen weights."
+    kohya_network_module = "networks.lora"
+    option_names = frozenset({"loraplus_lr_ratio"})
+
+    def inject(self, model: nn.Module, plan: TargetPlan, spec: LoraSpec, adapter_name: str) -> None:
+        quantize_linear_layers(model)
+        super().inject(model, plan, spec, adapter_name)
+
+    def network_args(self, spec: LoraSpec) -> dict[str, str]:
+        return {"base_quantization": QUANT_TYPE, "double_quantization": "True"}
+
+
+__all__ = ["QLora", "check_support", "is_nf4", "quantize_linear_layers"]
