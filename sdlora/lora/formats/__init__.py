@@ -113,6 +113,11 @@ def save_lora(
             title=title or target.stem, extra=metadata,
         )
     elif format == "diffusers":
+        if any(m.dora_scale is not None for _, _, m in weights.items()):
+            raise LoraFileError(
+                "DoRA weights cannot be written in the diffusers/PEFT layout: PEFT keeps one magnitude per output "
+                "channel, these have one per input channel (the A1111/ComfyUI dora_scale). Save them as kohya."
+            )
         if target.is_dir() or target.suffix == "":
             target = target / DIFFUSERS_WEIGHT_NAME
         tensors = diffusers_format.to_state_dict(weights, torch_dtype)
@@ -190,6 +195,31 @@ def _layer(models: dict[Component, nn.Module | None], component: Component, cano
     return describe_layer(layer)
 
 
+def _dora_scale(
+    file: LoraFile, entry: tuple[str, torch.Tensor], label: str, layer_text: str, kind: str, fan_in: int,
+    fan_out: int, kernel: tuple[int, int], unet: nn.Module | None, text_encoder: nn.Module | None,
+) -> torch.Tensor:
+    """A kohya ``dora_scale`` in the A1111/ComfyUI layout: one magnitude per input channel.
+
+    Linear ``[1, in]``, Conv2d ``[1, in, 1, 1]`` (a 1x1 conv or Linear also in the other's form).
+    Per-output magnitudes (``[out, 1]``, LyCORIS ``wd_on_output=True``) are refused: A1111 and
+    ComfyUI read them differently from each other, so no result can match both.
+    """
+    key, tensor = entry
+    own = (1, fan_in) if kind == "linear" else (1, fan_in, 1, 1)
+    accepted = [own] + ([(1, fan_in, 1, 1) if kind == "linear" else (1, fan_in)] if kernel == (1, 1) else [])
+    shape = tuple(tensor.shape)
+    if shape in accepted:
+        return tensor.float().reshape(own)
+    if shape in ((fan_out, 1), (fan_out, 1, 1, 1), (fan_out,)):
+        raise LoraFileError(
+            f"{file.path}: '{key}' holds DoRA magnitudes per output channel (shape {list(shape)}, LyCORIS "
+            "wd_on_output=True). Only the per-input-channel layout A1111 and ComfyUI apply (dora_scale "
+            f"{list(own)} for layer '{label}') is supported."
+        )
+    raise _mismatch(file, key, shape, label, layer_text, accepted, unet, text_encoder)
+
+
 def match_to_model(
     file: LoraFile, unet: nn.Module | None, text_encoder: nn.Module | None
 ) -> tuple[LoraWeights, list[str]]:
@@ -236,10 +266,11 @@ def match_to_model(
     weights = LoraWeights(method="lora", info={"source": str(file.path)})
     diffusers_ranks: dict[Component, dict[str, int]] = {"unet": {}, "text_encoder": {}}
     for (component, canonical), parts in sorted(grouped.items(), key=lambda kv: min(k for k, _ in kv[1].values())):
-        if "dora_scale" in parts:
+        if "dora_scale" in parts and file.format != "kohya":
             raise LoraFileError(
-                f"{file.path} is a DoRA file (key '{parts['dora_scale'][0]}'); DoRA files cannot be applied "
-                "as plain LoRA yet."
+                f"{file.path} is a diffusers/PEFT DoRA file (key '{parts['dora_scale'][0]}'): its magnitudes are per "
+                "output channel, which this tool does not apply. DoRA files in the kohya/A1111 layout (dora_scale "
+                "[1, in]) are supported."
             )
         if "down" not in parts or "up" not in parts:
             have = next(iter(parts.values()))[0]
@@ -267,7 +298,10 @@ def match_to_model(
             diffusers_ranks[component][canonical] = rank
         down = down.float().reshape(_expected("down", kind, fan_in, fan_out, kernel, rank)[0])
         up = up.float().reshape(_expected("up", kind, fan_in, fan_out, kernel, rank)[0])
-        weights.component(component)[canonical] = ModuleLora(down=down, up=up, alpha=alpha)
+        dora_scale = None
+        if "dora_scale" in parts:
+            dora_scale = _dora_scale(file, parts["dora_scale"], label, text, kind, fan_in, fan_out, kernel, unet, text_encoder)
+        weights.component(component)[canonical] = ModuleLora(down=down, up=up, alpha=alpha, dora_scale=dora_scale)
 
     for component, ranks in diffusers_ranks.items():
         if not ranks:
@@ -309,7 +343,16 @@ def load_lora(
             f"{file.path}: {len(unknown)} key(s) match no layer of the loaded base model, e.g. {unknown[:3]}."
         )
     name = adapter_name or safe_adapter_name(file.path.stem, taken_names)
+    dora = [m.dora_scale is not None for _, _, m in weights.items()]
+    if any(dora) and not all(dora):
+        raise LoraFileError(
+            f"{file.path} mixes DoRA modules (with dora_scale) and plain LoRA modules; such files are not applied here."
+        )
     adapter = apply_weights(unet, text_encoder, weights, name)
+    if any(dora):
+        from ..variants.dora import apply_dora_scales
+
+        apply_dora_scales(adapter, weights)
     entries, _ = file_entries(file.tensors, file.format)
     report = LoadReport(
         path=str(file.path),

@@ -142,6 +142,8 @@ def _network_type(entries: Mapping[str, Mapping[str, Any]], metadata: Mapping[st
             return label
     module = metadata.get("ss_network_module", "")
     args = kohya.parse_network_args(metadata)
+    if "dora_scale" in suffixes:
+        return "DoRA"
     if module == "lycoris.kohya" and args.get("algo"):
         return {"lora": "LoCon", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dylora": "DyLoRA"}.get(
             str(args["algo"]).lower(), f"LyCORIS {args['algo']}"
