@@ -250,3 +250,43 @@ def test_prior_preservation_generates_class_images_once(tmp_path, tiny_model_dir
     assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == mtimes  # reused, not regenerated
     assert not any(e.type == "message" and "generating" in e.text for e in events2)
     assert all(e.loss_prior is not None for e in events2 if e.type == "step")
+
+
+def test_precision_choice_measures_the_cpu():
+    from sdlora.train.perf import cpu_bf16_speedup, resolve_precision
+
+    # An AVX2-only CPU: bf16 convolutions hundreds of times slower than fp32.
+    assert resolve_precision("auto", "cpu", bf16_speedup=0.005) == ("no", None)
+    prec, warning = resolve_precision("bf16", "cpu", bf16_speedup=0.005)
+    assert prec == "bf16" and "slower" in warning and "auto" in warning
+    # A CPU with native bf16 (AVX512-BF16 / AMX): auto takes it.
+    assert resolve_precision("auto", "cpu", bf16_speedup=3.0) == ("bf16", None)
+    assert resolve_precision("fp16", "cpu")[0] == "no"
+    # This machine, measured for real: the choice follows the measurement.
+    measured = cpu_bf16_speedup()
+    assert measured > 0
+    assert resolve_precision("auto", "cpu")[0] == ("bf16" if measured >= 1.5 else "no")
+
+
+def test_adamw8bit_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir):
+    data = make_images(tmp_path / "data")
+    cfg = tiny_cfg(tmp_path, data, "8bit", "optimizer_type=AdamW8bit", "max_train_steps=2", model=tiny_model_dir)
+    with pytest.raises(ConfigError) as e:
+        train(cfg)
+    assert e.value.key == "optimizer_type" and "CUDA" in str(e.value)
+    assert RunDir(cfg.run_dir).status()["state"] == "failed"
+
+
+def test_prodigy_bf16_cosine_accumulation_train(tmp_path, tiny_model_dir):
+    data = make_images(tmp_path / "data")
+    events = []
+    res = train(tiny_cfg(tmp_path, data, "prodigy", "optimizer_type=Prodigy", "learning_rate=1.0", "text_encoder_lr=1.0",
+                         "mixed_precision=bf16", "lr_scheduler=cosine", "lr_warmup_steps=2",
+                         "gradient_accumulation_steps=2", "max_train_steps=6", "min_snr_gamma=5", "noise_offset=0.05",
+                         "gradient_checkpointing=true", model=tiny_model_dir), callbacks=[events.append])
+    assert res.state == "done"
+    steps = [e for e in events if e.type == "step"]
+    assert len(steps) == 6 and all(np.isfinite(e.loss) for e in steps)
+    lrs = [e.lr for e in steps]
+    assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warm-up then cosine decay
+    assert [e for e in events if e.type == "start"][0].precision == "bf16"

@@ -236,6 +236,11 @@ class TrainConfig:
         if safe_name(self.output_name) != self.output_name:
             raise ConfigError("output_name", f"{self.output_name!r} may only contain letters, digits, '-', '_' and '.'"
                               f" (try {safe_name(self.output_name)!r})")
+        if self.log_with == "tensorboard":
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+                raise ConfigError("log_with", "tensorboard is not installed: pip install tensorboard, or set log_with = \"\"")
         if self.with_prior_preservation and not self.class_prompt.strip():
             raise ConfigError("class_prompt", "is required when with_prior_preservation is on")
         if check_paths:

@@ -98,7 +98,12 @@ def train(cfg: TrainConfig | None = None, callbacks: list[Callback] | None = Non
         run = prepare_run(cfg)
 
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # accelerate keeps its settings in process-wide singletons; a second run in the same process
+    # (Python API, notebooks, tests) may use another precision, so start each run from a clean state.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision, precision_warning = resolve_precision(cfg.mixed_precision, device)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -116,14 +121,25 @@ def train(cfg: TrainConfig | None = None, callbacks: list[Callback] | None = Non
     except (TrainingError, ConfigError) as e:
         _fail(run, log, accelerator, step, str(e))
         raise
-    except torch.cuda.OutOfMemoryError:
-        msg = ("out of memory: lower train_batch_size, resolution or network_dim, or turn on gradient_checkpointing "
-               "and mixed_precision")
-        _fail(run, log, accelerator, step, msg)
-        raise TrainingError(msg) from None
     except Exception as e:  # noqa: BLE001 - the run directory must say why it failed
+        if _is_out_of_memory(e):
+            msg = (f"out of memory ({str(e).splitlines()[0][:120]}): lower train_batch_size (now {cfg.train_batch_size}), "
+                   f"resolution (now {cfg.resolution}) or network_dim (now {cfg.network_dim}), or turn on "
+                   "gradient_checkpointing and mixed_precision")
+            _fail(run, log, accelerator, step, msg)
+            raise TrainingError(msg) from None
         _fail(run, log, accelerator, step, f"{type(e).__name__}: {e}")
         raise
+
+
+def safe_tracker_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "run"
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text \
+        or "can't allocate memory" in text or "cannot allocate memory" in text
 
 
 def _fail(run: RunDir, log: EventLog, accelerator, step: int, message: str) -> None:
@@ -197,6 +213,9 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     train_te = accelerator.prepare(text_encoder) if multi and cfg.train_text_encoder else text_encoder
     optimizer = accelerator.prepare(optimizer)
 
+    if cfg.log_with:
+        accelerator.init_trackers(safe_tracker_name(cfg.output_name), config={k: v for k, v in cfg.to_dict().items()
+                                                                              if isinstance(v, (int, float, str, bool))})
     log.emit(Start(run_dir=str(run.path), total_steps=cfg.max_train_steps, start_step=start_step,
                    num_images=data.num_images, num_train_items=data.num_items, device=str(accelerator.device),
                    precision=precision, trainable_params=n_trainable, resumed=start_step > 0))
@@ -255,6 +274,8 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
                       if prior_losses else None,
                       mfu=(flops_per_step / sec / peak) if flops_per_step and sec > 0 else None, epoch=data.epoch))
 
+        if cfg.log_with:
+            accelerator.log({"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
         want_stop = _all_agree(stop.set, accelerator)
         last = step >= cfg.max_train_steps
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and not last and accelerator.is_main_process:
@@ -266,6 +287,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
                 if accelerator.is_main_process:
                     run.write_status("stopped", f"stopped at step {step}; resume to continue", step=step,
                                      total_steps=cfg.max_train_steps)
+                accelerator.end_training()
                 return TrainResult(run.path, "stopped", step, None, cp)
 
     digests = _adapter_digests(adapter, accelerator)

@@ -1,14 +1,401 @@
-"""Speed settings applied to the models before training (memory layout, attention kernels, threads).
+"""Speed settings applied to the models before training (frozen-weight kernels, attention dispatch).
 
 Each setting here was measured with ``benchmarks/bench_train_step.py`` on the machine at hand;
-see the notes in ``docs/performance.md``.
+the numbers are in ``docs/performance.md``. In short, on a CPU:
+
+* **Frozen Conv2d layers run on cached oneDNN weight packs.** A plain ``conv2d`` call reorders its
+  weight into oneDNN's blocked layout on every call, forward and backward. For the UNet's deep
+  1280-channel layers at 256 px (8x8 and 4x4 latents) that reorder costs 5-10x the convolution
+  itself. The base weights do not train, so each layer keeps a forward pack and a pack of the
+  input-gradient convolution (the transposed, flipped kernel; a transposed convolution for
+  strided layers), made once. Results are the same oneDNN kernels on the same values.
+* **Frozen Linear layers run through oneDNN with a cached bf16 weight.** Under bf16 autocast the
+  plain path casts every frozen fp32 weight to bf16 on every call (the autocast cache only keeps
+  casts of weights that require grad); in fp32, ``torch.mm`` goes to MKL, which on AMD CPUs runs
+  at less than half of oneDNN's speed. The input gradient reuses the same weight (a transposed
+  view), so fp32 needs no extra memory and bf16 one bf16 copy.
+* Neither keeps the layer's input for backward (a frozen weight needs no input to get its
+  gradient), which also lowers activation memory.
+* **Attention by size**: PyTorch's CPU flash-attention kernel wins on long sequences (self-
+  attention over 32x32 latents and larger) but is 2-3x slower than a plain batched matmul +
+  softmax on short ones (cross-attention to 77 text tokens, the 16x16 and 8x8 levels). A small
+  processor picks diffusers' ``AttnProcessor2_0`` or ``AttnProcessor`` by the size of the
+  attention matrix.
+
+The fast paths are taken only where they give the same result as the plain layer: a CPU tensor,
+gradients enabled (a training forward), a frozen weight that has not changed since it was packed,
+fp32 or bf16-autocast compute, and no tracing or compiling. Anything else runs the layer's own
+``forward``. A forward without gradients (sampling previews, which may merge adapters into the
+base weights) drops the caches; the next training forward rebuilds them.
+
+On CUDA nothing is changed: cuDNN keeps its own weight layouts and SDPA picks its kernel.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
 import torch
+from torch import nn
+
+ATTENTION_CHOICES = ("auto", "sdpa", "unchanged")
+
+#: Attention matrices up to this many entries per head (query length x key length) run as a
+#: batched matmul + softmax on the CPU; larger ones through SDPA's flash kernel. Measured on
+#: SD 1.5 shapes: 1024x77 and 256x256 are 2-3x faster as matmuls, 1024x1024 is 1.1x (bf16) to
+#: 1.9x (fp32) faster with SDPA.
+SMALL_ATTENTION_ENTRIES = 512 * 512
 
 
-def prepare_for_training(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, device: torch.device) -> None:
-    """Apply the measured speed settings to the models (in place)."""
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Which settings :func:`prepare_for_training` applies (all on by default).
+
+    ``frozen_kernels``: oneDNN packs / cached casts for frozen Conv2d and Linear layers (CPU).
+    ``attention``: ``"auto"`` picks the attention kernel by size on the CPU, ``"sdpa"`` uses
+    diffusers' SDPA processor everywhere, ``"unchanged"`` leaves the model's processors alone.
+    """
+
+    frozen_kernels: bool = True
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"SpeedOptions.attention must be one of {', '.join(ATTENTION_CHOICES)}, "
+                             f"got {self.attention!r}")
+
+
+@dataclass
+class SpeedReport:
+    """What :func:`prepare_for_training` changed (for logs and the benchmark)."""
+
+    device: str
+    frozen_convs: int = 0
+    frozen_linears: int = 0
+    attention: str = "unchanged"
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.device != "cpu":
+            return f"{self.device}: no changes"
+        return (f"cpu: {self.frozen_convs} frozen Conv2d and {self.frozen_linears} frozen Linear layers on cached "
+                f"oneDNN weights; attention {self.attention}" + ("".join(f"; {n}" for n in self.notes)))
+
+
+def prepare_for_training(unet: nn.Module, text_encoder: nn.Module | None, device: torch.device | str,
+                         options: SpeedOptions | None = None) -> SpeedReport:
+    """Apply the measured speed settings to the models (in place) and say what was done.
+
+    Call after the adapters are injected and the base weights frozen. Safe to call twice;
+    :func:`restore` undoes it. Training results do not depend on it beyond floating-point
+    summation order (bf16 results are bit-identical on the layers measured).
+    """
+    options = options or SpeedOptions()
+    dev = torch.device(device).type
+    report = SpeedReport(device=dev)
+    if dev != "cpu":
+        return report
+    models = [m for m in (unet, text_encoder) if m is not None]
+    if options.frozen_kernels:
+        if not torch.backends.mkldnn.is_available():
+            report.notes.append("oneDNN not available in this PyTorch build: frozen-weight kernels off")
+        else:
+            for model in models:
+                convs, linears = _install_frozen_kernels(model)
+                report.frozen_convs += convs
+                report.frozen_linears += linears
+    if options.attention != "unchanged" and hasattr(unet, "set_attn_processor") and hasattr(unet, "attn_processors"):
+        report.attention = _set_attention(unet, options.attention)
+    return report
+
+
+def restore(*models: nn.Module | None) -> None:
+    """Undo :func:`prepare_for_training`: plain layers, no caches, the attention processors from before."""
+    for model in models:
+        if model is None:
+            continue
+        for module in model.modules():
+            if isinstance(module, (FrozenConv2d, FrozenLinear)):
+                module.__class__ = nn.Conv2d if isinstance(module, FrozenConv2d) else nn.Linear
+                module.__dict__.pop("_sdlora_cache", None)
+        previous = getattr(model, "_sdlora_attn_processors", None)
+        if previous is not None:
+            model.set_attn_processor(previous)
+            del model._sdlora_attn_processors
+
+
+# Frozen-weight layers ------------------------------------------------------------------------------
+
+
+def _install_frozen_kernels(model: nn.Module) -> tuple[int, int]:
+    """Turn the model's plain, frozen nn.Conv2d / nn.Linear layers into their cached-kernel versions."""
+    convs = linears = 0
+    for module in model.modules():
+        if type(module) is nn.Conv2d and _conv_supported(module) and _frozen(module):
+            module.__class__ = FrozenConv2d
+            module._sdlora_cache = _Cache()
+            convs += 1
+        elif type(module) is nn.Linear and _frozen(module):
+            module.__class__ = FrozenLinear
+            module._sdlora_cache = _Cache()
+            linears += 1
+        elif isinstance(module, (FrozenConv2d, FrozenLinear)):
+            convs += isinstance(module, FrozenConv2d)
+            linears += isinstance(module, FrozenLinear)
+    return convs, linears
+
+
+def _frozen(module: nn.Module) -> bool:
+    return all(not p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _conv_supported(module: nn.Conv2d) -> bool:
+    return (module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            and all(p >= 0 for p in module.padding))
+
+
+class _Cache:
+    """Per-layer cache: the packed/cast weights and the key of the weights they were made from."""
+
+    __slots__ = ("key", "items")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.items: dict[str, Any] = {}
+
+    def get(self, key: tuple, build) -> dict[str, Any]:
+        if key != self.key:
+            self.items = {}          # free the old packs before making new ones
+            self.items = build()
+            self.key = key
+        return self.items
+
+    def clear(self) -> None:
+        self.key, self.items = None, {}
+
+
+def _weights_key(module: nn.Module, dtype: torch.dtype) -> tuple:
+    """Identity of the weights a cache was made from: storage, in-place version, dtype asked for."""
+    w, b = module.weight, module.bias
+    return (dtype, w.data_ptr(), w._version, w.dtype, tuple(w.shape),
+            None if b is None else (b.data_ptr(), b._version, b.dtype))
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype the plain layer would compute in here (bf16 under CPU bf16 autocast), or None
+    where the fast path does not apply."""
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _bf16_ok():
+            return None
+        return torch.bfloat16 if x.is_floating_point() else None
+    if x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16):
+        if x.dtype == torch.bfloat16 and not _bf16_ok():
+            return None
+        return x.dtype
     return None
+
+
+_BF16_OK: bool | None = None
+
+
+def _bf16_ok() -> bool:
+    global _BF16_OK
+    if _BF16_OK is None:
+        _BF16_OK = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return _BF16_OK
+
+
+def _fast_path_allowed(module: nn.Module, x: torch.Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        # Sampling (possibly with adapters merged into these weights): plain path, drop the packs.
+        module._sdlora_cache.clear()
+        return False
+    if x.device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return False
+    return _frozen(module)
+
+
+class FrozenConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` with a frozen weight whose training forward/backward use cached oneDNN packs.
+
+    Written here (not from a library): PyTorch exposes the packing ops that its compiler uses for
+    inference, but no autograd-aware layer for frozen weights. Made by :func:`prepare_for_training`
+    by changing the class of an existing layer; the parameters and state dict are untouched.
+    """
+
+    _sdlora_cache: _Cache
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Conv2d's name
+        if input.dim() != 4 or not _fast_path_allowed(self, input):
+            return super().forward(input)
+        dtype = _compute_dtype(input, self.weight)
+        if dtype is None:
+            return super().forward(input)
+        packs = self._sdlora_cache.get(_weights_key(self, dtype), lambda: self._pack(dtype, input.shape))
+        x = input.to(dtype).contiguous(memory_format=torch.channels_last)
+        return _PackedConv.apply(x, packs, self)
+
+    def _pack(self, dtype: torch.dtype, input_shape: torch.Size) -> dict[str, Any]:
+        w = self.weight.detach().to(dtype)
+        stride, padding, dilation = list(self.stride), list(self.padding), list(self.dilation)
+        out_hw = [(input_shape[i + 2] + 2 * padding[i] - dilation[i] * (self.kernel_size[i] - 1) - 1) // stride[i] + 1
+                  for i in range(2)]
+        out_shape = [input_shape[0], self.out_channels, *out_hw]
+        fwd = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, self.groups,
+                                                           list(input_shape))
+        items: dict[str, Any] = {"fwd": fwd, "bias": None if self.bias is None else self.bias.detach().to(dtype)}
+        if stride == [1, 1] and self.groups == 1:
+            # Input gradient of a stride-1 convolution: the same convolution with the kernel
+            # transposed (in <-> out channels) and flipped, padded by dilation*(k-1) - padding.
+            pad_t = [dilation[i] * (self.kernel_size[i] - 1) - padding[i] for i in range(2)]
+            if min(pad_t) >= 0:
+                wt = w.transpose(0, 1).flip(2, 3).contiguous()
+                items["bwd"] = torch.ops.mkldnn._reorder_convolution_weight(wt, pad_t, [1, 1], dilation, 1, out_shape)
+                items["bwd_kind"] = ("conv", pad_t)
+        if "bwd" not in items:
+            # Strided layers: the input gradient is a transposed convolution with the same weight.
+            out_pad = [input_shape[i + 2] - ((out_hw[i] - 1) * stride[i] - 2 * padding[i]
+                                             + dilation[i] * (self.kernel_size[i] - 1) + 1) for i in range(2)]
+            items["bwd"] = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                w, padding, out_pad, stride, dilation, self.groups, out_shape)
+            items["bwd_kind"] = ("transpose", out_pad)
+            items["bwd_shape"] = tuple(input_shape[2:])
+        return items
+
+
+class _PackedConv(torch.autograd.Function):
+    """Convolution with a frozen, packed weight: gradient for the input only, nothing saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packs: dict[str, Any], layer: FrozenConv2d) -> torch.Tensor:  # type: ignore[override]
+        ctx.packs, ctx.layer, ctx.in_hw = packs, layer, tuple(x.shape[2:])
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packs["fwd"], packs["bias"], list(layer.padding), list(layer.stride), list(layer.dilation),
+            layer.groups, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        packs, layer = ctx.packs, ctx.layer
+        g = grad.contiguous(memory_format=torch.channels_last)
+        kind, extra = packs["bwd_kind"]
+        out_pad = extra
+        if kind == "transpose" and ctx.in_hw != packs.get("bwd_shape"):
+            # Another input size than the one packed for: the output padding depends on it.
+            out_pad = [ctx.in_hw[i] - ((g.shape[i + 2] - 1) * layer.stride[i] - 2 * layer.padding[i]
+                                       + layer.dilation[i] * (layer.kernel_size[i] - 1) + 1) for i in range(2)]
+        if kind == "conv":
+            gx = torch.ops.mkldnn._convolution_pointwise(g, packs["bwd"], None, extra, [1, 1], list(layer.dilation), 1,
+                                                         "none", [], "")
+        else:
+            gx = torch.ops.mkldnn._convolution_transpose_pointwise(
+                g, packs["bwd"], None, list(layer.padding), out_pad, list(layer.stride), list(layer.dilation),
+                layer.groups, "none", [], "")
+        return gx, None, None
+
+
+class FrozenLinear(nn.Linear):
+    """An ``nn.Linear`` with a frozen weight whose training forward/backward run through oneDNN.
+
+    fp32 uses the weight as it is; bf16 autocast uses one cached bf16 copy instead of a new cast
+    on every call. The input gradient uses the transposed view of the same weight. Written here
+    (not from a library), made by :func:`prepare_for_training` like :class:`FrozenConv2d`.
+    """
+
+    _sdlora_cache: _Cache
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name
+        if input.dim() < 2 or not _fast_path_allowed(self, input):
+            return super().forward(input)
+        dtype = _compute_dtype(input, self.weight)
+        if dtype is None:
+            return super().forward(input)
+        if dtype == self.weight.dtype:
+            weights = {"w": self.weight.detach(), "bias": None if self.bias is None else self.bias.detach()}
+        else:
+            weights = self._sdlora_cache.get(_weights_key(self, dtype), lambda: {
+                "w": self.weight.detach().to(dtype),
+                "bias": None if self.bias is None else self.bias.detach().to(dtype)})
+        return _OneDnnLinear.apply(input.to(dtype), weights)
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """``x @ W.T + b`` with a frozen W through oneDNN: gradient for the input only, nothing saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weights: dict[str, Any]) -> torch.Tensor:  # type: ignore[override]
+        ctx.weights = weights
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(x2, weights["w"], weights["bias"], "none", [], "")
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        w = ctx.weights["w"]
+        g2 = grad.reshape(-1, grad.shape[-1])
+        if not g2.is_contiguous():
+            g2 = g2.contiguous()
+        gx = torch.ops.mkldnn._linear_pointwise(g2, w.t(), None, "none", [], "")
+        return gx.view(*grad.shape[:-1], gx.shape[-1]), None
+
+
+# Attention -----------------------------------------------------------------------------------------
+
+
+class SizeDispatchAttnProcessor:
+    """diffusers attention processor that picks the faster kernel by the attention matrix's size.
+
+    Up to :data:`SMALL_ATTENTION_ENTRIES` entries per head on a CPU: ``AttnProcessor`` (batched
+    matmul + softmax); otherwise ``AttnProcessor2_0`` (``scaled_dot_product_attention``). Both are
+    diffusers' own processors; this class only chooses between them.
+    """
+
+    def __init__(self, max_small_entries: int = SMALL_ATTENTION_ENTRIES) -> None:
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        self.max_small_entries = max_small_entries
+        self.small = AttnProcessor()
+        self.large = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+        if hidden_states.ndim == 4:
+            q_len = hidden_states.shape[2] * hidden_states.shape[3]
+        else:
+            q_len = hidden_states.shape[1]
+        k_len = q_len if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        small = hidden_states.device.type == "cpu" and q_len * k_len <= self.max_small_entries
+        proc = self.small if small else self.large
+        return proc(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+
+def _set_attention(unet: nn.Module, choice: str) -> str:
+    """Install the attention processors for ``choice`` where the model uses plain ones; keep the
+    previous ones for :func:`restore`."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    current = unet.attn_processors
+    plain = (AttnProcessor, AttnProcessor2_0, SizeDispatchAttnProcessor)
+    if not current or not all(isinstance(p, plain) for p in current.values()):
+        return "unchanged (the model has custom attention processors)"
+    if not hasattr(unet, "_sdlora_attn_processors"):
+        unet._sdlora_attn_processors = dict(current)
+    if choice == "sdpa":
+        unet.set_attn_processor(AttnProcessor2_0())
+        return "sdpa"
+    unet.set_attn_processor(SizeDispatchAttnProcessor())
+    return f"by size (matmul up to {SMALL_ATTENTION_ENTRIES} entries per head, SDPA above)"
+
+
+def frozen_layers(models: Iterable[nn.Module | None]) -> list[nn.Module]:
+    """The layers :func:`prepare_for_training` switched to cached kernels (for tests and reports)."""
+    return [m for model in models if model is not None for m in model.modules()
+            if isinstance(m, (FrozenConv2d, FrozenLinear))]
