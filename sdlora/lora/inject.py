@@ -126,7 +126,12 @@ class LoraAdapter:
         """Plain down/up/alpha per layer (scale 1), via the method's export hook."""
         weights = LoraWeights(method=self.method.name, info=self.info())
         for comp, path, layer in self.layers():
-            weights.component(comp)[path] = self.method.export(layer, self.name)  # type: ignore[arg-type]
+            module = self.method.export(layer, self.name)  # type: ignore[arg-type]
+            if module is not None:
+                weights.component(comp)[path] = module
+        extra = self.method.export_metadata(self, weights)
+        if extra:
+            weights.info["metadata"] = dict(extra)
         return weights
 
     def info(self) -> dict[str, Any]:

@@ -97,6 +97,7 @@ def build_metadata(weights: LoraWeights, extra: Mapping[str, Any] | None = None)
         meta["sdlora_preset"] = str(weights.info["preset"])
     if weights.info.get("spec"):
         meta["sdlora_spec"] = json.dumps(weights.info["spec"])
+    meta.update({k: str(v) for k, v in dict(weights.info.get("metadata") or {}).items()})  # method-specific facts
     for key, value in dict(extra or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     return meta

@@ -220,6 +220,7 @@ def build_metadata(
         meta["sdlora_spec"] = info["spec"]
     if title:
         meta["ss_output_name"] = title
+    meta.update(dict(info.get("metadata") or {}))  # method-specific facts of this export
     for key, value in dict(extra or {}).items():
         meta[key] = value
     strings = {k: _stringify(v) for k, v in meta.items() if v is not None}

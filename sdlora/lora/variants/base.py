@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import LoraError
 from ..spec import LoraSpec
 from ..targets import TargetPlan
-from ..weights import ModuleLora
+from ..weights import LoraWeights, ModuleLora
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftConfig
@@ -105,8 +105,17 @@ class AdapterMethod(ABC):
         return groups
 
     @abstractmethod
-    def export(self, layer: "BaseTunerLayer", adapter_name: str) -> ModuleLora:
-        """Plain ``down``/``up``/``alpha`` (+ ``dora_scale``) equal to this layer's adapter at scale 1."""
+    def export(self, layer: "BaseTunerLayer", adapter_name: str) -> ModuleLora | None:
+        """Plain ``down``/``up``/``alpha`` (+ ``dora_scale``) equal to this layer's adapter at scale 1.
+
+        ``None`` leaves the layer out of the file: its adapter adds nothing (e.g. AdaLoRA pruned it
+        to rank 0; the plain format has no rank-0 modules).
+        """
+
+    def export_metadata(self, adapter: "LoraAdapter", weights: "LoraWeights") -> dict[str, str]:
+        """Facts about one export that its file records (e.g. an approximation error), called after
+        every layer's :meth:`export`; written as-is into the file's metadata."""
+        return {}
 
     def network_args(self, spec: LoraSpec) -> dict[str, str]:
         """Method-specific entries of kohya's ``ss_network_args`` (string values, as kohya writes them).
