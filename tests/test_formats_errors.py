@@ -10,13 +10,6 @@ from sdlora.lora import LoraError, LoraFileError, LoraSpec, inject_adapters, ins
 from sdlora.lora.formats import convert_lora_file
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture()
 def good_file(tiny_pipe, tmp_path):

@@ -12,13 +12,6 @@ from sdlora.lora.formats import LoraFileError, export_from, format_inspection, m
 from sdlora.lora.weights import LoraWeights, ModuleLora
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_checkpoint_state_gives_the_same_weights_as_the_adapter(tiny_pipe, rslora):

@@ -17,14 +17,6 @@ from sdlora.lora import LoraSpec, inject_adapters, inspect_file, load_lora, save
 from sdlora.models.tiny import build_tiny_pipeline
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 PROMPT = "a watercolor fox in the snow"
 GEN = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np")
 _BAD = re.compile(r"not loaded|unexpected|missing|ignored|not found|incompatible|did not match|mismatch", re.I)

@@ -14,13 +14,6 @@ PROMPT = "an ink drawing of a lighthouse"
 FAST = dict(steps=2, guidance=4.0, scheduler="Euler", output="np")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _randomize(adapter, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)

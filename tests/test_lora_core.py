@@ -12,14 +12,6 @@ from sdlora.lora import LoraError, LoraSpec, control, get_method, inject_adapter
 from sdlora.lora.variants import AdapterMethod
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _inputs(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
