@@ -13,8 +13,10 @@ base (the paper's intended use). The paper's paged optimizer is not used: the tr
 optimizer choice (``optimizer_type``, e.g. ``AdamW8bit``) applies.
 
 bitsandbytes is an optional dependency. Where it is missing, or cannot run 4-bit layers on the
-model's device (older releases have no CPU path; a CUDA GPU always works), injection stops with
-a :class:`~sdlora.lora.errors.LoraError` that says so.
+model's device, injection stops with a :class:`~sdlora.lora.errors.LoraError` that says so. A CUDA
+GPU is the intended device; releases before the multi-backend work have no CPU path at all, while
+recent ones (0.50 was checked) also run NF4 layers on the CPU, slowly. Support is probed with a
+small layer (forward and backward) on the model's device before anything is changed.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class QLora(PlainLora):
 
     name = "qlora"
     title = "QLoRA"
-    description = "LoRA on a 4-bit NF4 base model (bitsandbytes; needs a CUDA GPU): far less memory for the frozen weights."
+    description = "LoRA on a 4-bit NF4 base model (needs bitsandbytes, meant for a CUDA GPU): far less memory for the frozen weights."
     kohya_network_module = "networks.lora"
     option_names = frozenset({"loraplus_lr_ratio"})
 
