@@ -140,3 +140,31 @@ def test_dora_file(tmp_path, tiny_model_dir):
         if scale == 1.0:
             assert np.abs(_as_png(theirs) - trained_png).max() <= 1  # = the trainer's own final preview
             assert np.abs(theirs - _generate(fresh_pipeline(tiny_model_dir), cfg)).max() > 2e-2
+
+
+def _cuda_with_bitsandbytes() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _cuda_with_bitsandbytes(), reason="QLoRA training is checked on a CUDA GPU with bitsandbytes "
+                    "installed; this machine has no GPU or no bitsandbytes (CPU training is refused or probed in "
+                    "test_variants_a_units)")
+def test_qlora_trains_on_gpu_and_its_file_loads_in_fresh_diffusers(tmp_path, tiny_model_dir):
+    cfg, result, trained_png = _train(tmp_path, tiny_model_dir, "qlora", "network_type=qlora")
+    info = inspect_file(result.lora_path)
+    assert info["method"] == "qlora" and info["network_args"]["base_quantization"] == "nf4"
+    pipe = fresh_pipeline(tiny_model_dir)
+    diffusers_load_checked(pipe, result.lora_path)
+    theirs = _generate(pipe, cfg)
+    ours = _preview(tiny_model_dir, result.lora_path, cfg)
+    assert np.abs(ours - theirs).max() <= 1e-4  # the file on the full-precision base: exact
+    assert np.abs(theirs - _generate(fresh_pipeline(tiny_model_dir), cfg)).max() > 2e-2
+    # The trainer previewed on the NF4 base: close to the full-precision result, not equal.
+    gap = np.abs(_as_png(theirs) - trained_png)
+    assert 0 < gap.mean() < 40, gap.mean()

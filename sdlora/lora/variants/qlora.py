@@ -52,24 +52,34 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def check_support(device: torch.device | str) -> None:
-    """Raise :class:`LoraError` unless bitsandbytes can run a 4-bit NF4 layer (forward and backward) on ``device``."""
+def check_support(device: torch.device | str, in_features: int = 64, out_features: int = 64) -> None:
+    """Raise :class:`LoraError` unless bitsandbytes can run a 4-bit NF4 layer of this size on ``device``.
+
+    The probe layer is used as training uses it (forward and backward to its input) and as previews
+    use it (evaluation mode, no gradients); bitsandbytes takes different code paths for the two.
+    """
     bnb = _bitsandbytes()
     device = torch.device(device)
     try:
-        layer = _quantized_copy(bnb, nn.Linear(64, 64, device=device), device)
-        x = torch.randn(2, 64, device=device, requires_grad=True)
+        layer = _quantized_copy(bnb, nn.Linear(in_features, out_features, device=device), device)
+        x = torch.randn(2, in_features, device=device, requires_grad=True)
+        layer.train()
         layer(x).sum().backward()
         if x.grad is None or not torch.isfinite(x.grad).all():
             raise RuntimeError("no finite input gradient through the 4-bit layer")
+        layer.eval()
+        with torch.no_grad():
+            if not torch.isfinite(layer(x.detach())).all():
+                raise RuntimeError("non-finite output of the 4-bit layer")
     except LoraError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure means this device cannot train QLoRA
         where = "this CPU" if device.type == "cpu" else str(device)
         raise LoraError(
             f"network_type 'qlora' cannot run here: bitsandbytes {getattr(bnb, '__version__', '?')} has no working "
-            f"4-bit NF4 path on {where} ({type(exc).__name__}: {exc}). QLoRA needs a CUDA GPU (or a bitsandbytes "
-            "release with CPU 4-bit support); use network_type 'lora' on this machine."
+            f"4-bit NF4 path on {where} for a Linear {in_features}->{out_features} layer of this model "
+            f"({type(exc).__name__}: {exc}). QLoRA needs a CUDA GPU (or a bitsandbytes release whose CPU 4-bit "
+            "path handles these layers); use network_type 'lora' on this machine."
         ) from None
 
 
@@ -105,7 +115,11 @@ def quantize_linear_layers(model: nn.Module) -> int:
 
     bnb = _bitsandbytes()
     device = _device_of(model)
-    check_support(device)
+    linear = [m for m in model.modules() if type(m) is nn.Linear]
+    if linear:
+        # the narrowest layer: some bitsandbytes releases fail on layers narrower than their block size
+        narrowest = min(linear, key=lambda m: m.in_features)
+        check_support(device, narrowest.in_features, narrowest.out_features)
     count = 0
     for parent in list(model.modules()):
         if isinstance(parent, BaseTunerLayer):
