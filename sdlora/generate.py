@@ -219,6 +219,23 @@ class Previewer:
             raise LoraError(f"No adapter {name!r} in this previewer; adapters: {list(self._entries) or 'none'}.")
         self._entries[name].weight = float(weight)
 
+    def set_rank(self, name: str, rank: int | None) -> None:
+        """Preview DyLoRA adapter ``name`` at its first ``rank`` components (``None``: full rank).
+
+        For a DyLoRA run's own adapter or a DyLoRA file; the result equals the file
+        ``sdlora export --rank`` writes. Not while merged.
+        """
+        from .lora.variants.dylora import check_dylora_file, set_active_rank
+
+        if name not in self._entries:
+            raise LoraError(f"No adapter {name!r} in this previewer; adapters: {list(self._entries) or 'none'}.")
+        if self._merged:
+            raise LoraError("Unmerge before changing an adapter's rank.")
+        report = self.reports.get(name)
+        if report is not None:
+            check_dylora_file(report.path)
+        set_active_rank(self._layers(), name, rank, attach=report is not None)
+
     def set_scale(self, scale: float) -> None:
         """Set the global multiplier (any finite float). Takes effect at the next generation."""
         _check_number("scale", scale)

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import LoraFileError
 from ..targets import Component
+from ..variants.dylora import is_dylora_metadata, truncate_rank
 from ..weights import LoraWeights, ModuleLora, resize_rank
 from . import diffusers_format
 from .inspect import file_entries, guess_family
@@ -119,7 +120,8 @@ def export_from(
 
     ``source`` is a LoRA file, or a run directory (``runs/<name>``): its final
     ``<name>.safetensors``, or with ``step`` the adapter of ``checkpoints/step-<step>``.
-    ``rank`` re-ranks every layer above it by truncated SVD of its delta. ``out`` defaults to
+    ``rank`` re-ranks every layer above it by truncated SVD of its delta (a DyLoRA file: keeps its first
+    ``rank`` components, which DyLoRA trained as the rank-``rank`` adapter). ``out`` defaults to
     ``<source folder>/exports/<name>[-step<N>][-r<rank>][-diffusers].safetensors``. The kohya
     ``ss_*`` metadata of the source file is carried over. ``base`` (a base-model spec) names the
     layers of files whose shapes fit no SD 1.x / 2.x model; a run directory uses its own base.
@@ -174,6 +176,8 @@ def export_from(
         if unknown:
             raise LoraFileError(f"{src}: {len(unknown)} key(s) match no {family} layer (e.g. {unknown[0]}); not exporting a partial file.")
         weights.method = file.metadata.get("sdlora_method", "lora")
+        if is_dylora_metadata(file.metadata):
+            weights.method = "dylora"  # nested ranks: a lower rank is a truncation, not an SVD
         if file.metadata.get("sdlora_preset"):
             weights.info["preset"] = file.metadata["sdlora_preset"]
         carried = {k: v for k, v in file.metadata.items() if k.startswith("ss_") and not k.startswith("ss_network_")}
@@ -182,7 +186,7 @@ def export_from(
             dtypes = {t.dtype for t in file.tensors.values() if t.ndim > 0}
             dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "fp32"
     if rank:
-        weights = resize_rank(weights, int(rank))
+        weights = truncate_rank(weights, int(rank)) if weights.method == "dylora" else resize_rank(weights, int(rank))
     if out is None:
         folder = src if src.is_dir() else src.parent
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", src.name if src.is_dir() else src.stem).strip("._") or "lora"

@@ -18,6 +18,10 @@ _REGISTRY: dict[str, str] = {
     "lora_fa": ".lora_fa:LoraFA",
     "vera": ".vera:Vera",
     "qlora": ".qlora:QLora",
+    "adalora": ".adalora:AdaLora",
+    "dylora": ".dylora:DyLora",
+    "lora_drop": ".lora_drop:LoraDrop",
+    "delta_lora": ".delta_lora:DeltaLora",
 }
 
 _instances: dict[str, AdapterMethod] = {}
