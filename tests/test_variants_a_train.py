@@ -14,14 +14,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sdlora.generate import Previewer, make_scheduler
-from sdlora.lora import inspect_file
+from sdlora.lora import LoraFileError, inspect_file
+from sdlora.lora.formats import export_from
 from sdlora.train.data_glue import sample_prompts
 from sdlora.train.loop import train
 from test_formats_roundtrip import captured_messages, diffusers_load_checked, fresh_pipeline
 from test_train import make_images, tiny_cfg
 from test_variants_a_units import a1111_dora_weight
 
-COMMON = ("max_train_steps=4", "save_every_n_steps=0", "learning_rate=1e-2", "text_encoder_lr=5e-3", "sample_steps=3")
+COMMON = ("max_train_steps=3", "save_every_n_steps=0", "learning_rate=1e-2", "text_encoder_lr=5e-3", "sample_steps=3")
+#: the trainer's preview PNG against a CPU diffusers image: rounding only, unless training ran on a GPU
+#: (cuDNN convolutions use TF32 by default there, so the two runs differ by more than rounding)
+PNG_TOLERANCE = 12 if torch.cuda.is_available() else 1
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +37,7 @@ def _single_thread():
 
 
 def _train(tmp_path: Path, model_dir: Path, name: str, *extra: str):
-    data = make_images(tmp_path / "data", n=4)
+    data = make_images(tmp_path / "data", n=2)
     cfg = tiny_cfg(tmp_path, data, name, *COMMON, *extra, model=model_dir)
     result = train(cfg)
     assert result.state == "done" and result.lora_path.is_file()
@@ -84,9 +88,19 @@ def test_trained_file_loads_in_fresh_diffusers_and_matches_the_preview(method, e
     diffusers_load_checked(pipe, result.lora_path)
     theirs = _generate(pipe, cfg)
     assert np.abs(theirs - base).max() > 2e-2  # the trained adapter changes the picture
-    assert np.abs(_as_png(theirs) - trained_png).max() <= 1  # = the trainer's own final preview
+    assert np.abs(_as_png(theirs) - trained_png).max() <= PNG_TOLERANCE  # = the trainer's own final preview
     ours = _preview(tiny_model_dir, result.lora_path, cfg)
     assert np.abs(ours - theirs).max() <= 1e-4
+
+    # `sdlora export --step`: LoRA-FA checkpoints are plain LoRA weights; VeRA ones need the base model.
+    if method == "lora_fa":
+        exported = export_from(result.run_dir, step=result.step, fmt="kohya", dtype="fp32")
+        final, again = load_file(str(result.lora_path)), load_file(str(exported))
+        assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+        assert inspect_file(exported)["method"] == "lora_fa" and inspect_file(exported)["network_module"] == module
+    else:
+        with pytest.raises(LoraFileError, match="export the run's final LoRA file"):
+            export_from(result.run_dir, step=result.step)
 
 
 def _apply_a1111_dora(pipe, tensors: dict[str, torch.Tensor], multiplier: float) -> int:
@@ -138,7 +152,7 @@ def test_dora_file(tmp_path, tiny_model_dir):
         ours = _preview(tiny_model_dir, result.lora_path, cfg, scale=scale)
         assert np.abs(ours - theirs).max() <= 1e-4, scale
         if scale == 1.0:
-            assert np.abs(_as_png(theirs) - trained_png).max() <= 1  # = the trainer's own final preview
+            assert np.abs(_as_png(theirs) - trained_png).max() <= PNG_TOLERANCE  # = the trainer's own final preview
             assert np.abs(theirs - _generate(fresh_pipeline(tiny_model_dir), cfg)).max() > 2e-2
 
 

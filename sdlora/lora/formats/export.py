@@ -71,14 +71,19 @@ def models_for(family: str, prediction_type: str, base: str | os.PathLike[str] |
     return loaded.unet, loaded.text_encoder
 
 
+#: methods whose checkpoints hold exactly the plain lora_A / lora_B weights of the exported file
+PLAIN_CHECKPOINT_METHODS = ("lora", "lora_fa", "qlora")
+
+
 def weights_from_checkpoint(state: Mapping[str, torch.Tensor], spec) -> LoraWeights:
-    """Plain weights from an adapter checkpoint (``LoraAdapter.state_dict()``) of the ``lora`` method.
+    """Plain weights from an adapter checkpoint (``LoraAdapter.state_dict()``) of a method in
+    :data:`PLAIN_CHECKPOINT_METHODS`.
 
     Ranks come from the shapes, alphas from ``spec`` (a ``LoraSpec``) the way injection assigns
     them: Linear and 1x1 layers ``alpha``, larger Conv2d kernels ``conv_alpha``, the text encoder
     ``text_encoder_alpha``; rsLoRA alphas become plain ones (``alpha * sqrt(r)``).
     """
-    if spec.method != "lora":
+    if spec.method not in PLAIN_CHECKPOINT_METHODS:
         raise LoraFileError(
             f"Checkpoints of method {spec.method!r} are exported by loading them into the base model "
             "(its export hook); export the run's final LoRA file instead."
@@ -90,7 +95,12 @@ def weights_from_checkpoint(state: Mapping[str, torch.Tensor], spec) -> LoraWeig
             raise LoraFileError(f"Unexpected key {key!r} in the adapter checkpoint.")
         component, path, role = split
         parts.setdefault((component, path), {})[role] = tensor
-    weights = LoraWeights(method="lora", info={"preset": spec.preset, "spec": spec.to_dict()})
+    from ..variants import get_method
+
+    method = get_method(spec.method)
+    weights = LoraWeights(method=spec.method, info={
+        "preset": spec.preset, "spec": spec.to_dict(), "network_module": method.kohya_network_module,
+        "network_args": method.network_args(spec)})
     for (component, path), tensors in sorted(parts.items()):
         down, up = tensors["down"].float(), tensors["up"].float()
         rank = down.shape[0]
