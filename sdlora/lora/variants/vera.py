@@ -106,8 +106,9 @@ class VeraVariant:
         channel_dim = 1 if h.ndim == 4 else -1
         view = [1] * h.ndim
         view[channel_dim] = -1
-        h = lora_b(h * d.reshape(view))
-        return result + (h * b.reshape(view)) * float(module.scaling[active_adapter])  # type: ignore[index]
+        # the vectors may be kept in another precision than the frozen projections (e.g. fp32 vs fp16)
+        h = lora_b((h * d.reshape(view).to(h.dtype)).to(lora_b.weight.dtype))
+        return result + (h * b.reshape(view).to(h.dtype)) * float(module.scaling[active_adapter])  # type: ignore[index]
 
     @staticmethod
     def merge_safe(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
