@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
 from ..errors import LoraError, LoraFileError
@@ -68,7 +69,7 @@ def magnitude_shape(weight_shape: tuple[int, ...] | torch.Size) -> tuple[int, ..
     return (1, int(weight_shape[1])) + (1,) * (len(weight_shape) - 2)
 
 
-class DoraVariant:
+class DoraVariant(LoraVariant):
     """PEFT ``LoraVariant`` hooks for the A1111/ComfyUI DoRA form (static methods, as PEFT calls them)."""
 
     @staticmethod

@@ -29,6 +29,7 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 import torch
+from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
 from ..errors import LoraError
@@ -69,7 +70,7 @@ def _share(module: nn.Module, tensor: torch.Tensor) -> None:
     module.register_buffer("weight", tensor, persistent=False)
 
 
-class VeraVariant:
+class VeraVariant(LoraVariant):
     """PEFT ``LoraVariant`` hooks for VeRA (static methods, as PEFT calls them)."""
 
     @staticmethod
