@@ -234,7 +234,8 @@ def export_delta(adapter: "LoraAdapter", rank: int | None = None) -> DeltaExport
 def merge_into_base(adapter: "LoraAdapter") -> None:
     """Fold every layer's exact total change (at scale 1) into its base weight and remove the adapter.
 
-    The models then compute what the trained adapter computed, with no adapter left; save them with
+    The models then compute what the trained adapter computed, with no adapter left (layers that
+    held no other adapter become plain layers again); save them with
     ``sdlora.models.single_file.save_single_file(pipe, path)`` for a merged checkpoint.
     """
     from .. import control
@@ -247,6 +248,11 @@ def merge_into_base(adapter: "LoraAdapter") -> None:
             delta = variant.total_delta(layer, adapter.name, scaling=_unit_scaling(layer, adapter.name))
             weight.data = (weight.data.float() + delta).to(weight.dtype)
     control.delete(adapter.models, adapter.name)
+    for model in adapter.models:
+        for path, layer in list(control.tuner_layers(model)):
+            if not layer.r:  # type: ignore[attr-defined]
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())  # type: ignore[attr-defined]
 
 
 def save_merged_checkpoint(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
