@@ -28,14 +28,6 @@ COMMON = ("max_train_steps=3", "save_every_n_steps=0", "learning_rate=1e-2", "te
 PNG_TOLERANCE = 12 if torch.cuda.is_available() else 1
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(tmp_path: Path, model_dir: Path, name: str, *extra: str):
     data = make_images(tmp_path / "data", n=2)
     cfg = tiny_cfg(tmp_path, data, name, *COMMON, *extra, model=model_dir)

@@ -22,14 +22,6 @@ REPO = Path(__file__).resolve().parent.parent
 FULL = dict(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, text_encoder=True)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 32, generator=g), torch.randint(0, 49407, (1, 77), generator=g)
