@@ -192,6 +192,11 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     prepare_for_training(unet, text_encoder if cfg.train_text_encoder else None, accelerator.device)
     param_groups = adapter.param_groups(unet_lr=cfg.effective_unet_lr, text_encoder_lr=cfg.text_encoder_lr,
                                         weight_decay=cfg.weight_decay)
+    # Trained weights stay fp32 even when the frozen base runs in fp16/bf16 (mixed precision).
+    for g in param_groups:
+        for p in g["params"]:
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
     n_trainable = sum(p.numel() for g in param_groups for p in g["params"])
     optimizer = _make_optimizer(cfg, param_groups, accelerator.device)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
