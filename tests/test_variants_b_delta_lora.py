@@ -120,7 +120,7 @@ def test_trains_resumes_exports_with_reported_error_and_merges_exactly(run, tiny
     previewer.set_scale(1.0)
     theirs = diffusers_image(tiny_model_dir, result.lora_path)
     learned = abs(ours - base_image).max()
-    assert learned > 1e-3
+    assert learned > 1e-2
     assert 0 < abs(theirs - ours).max() <= max(1e-4, 4 * reported * learned)
     # at rank 2r the export is exact: the same images as our preview
     exact_file = save_lora(export_delta(adapter, rank=8).weights, tmp_path / "exact.safetensors", dtype="fp32")

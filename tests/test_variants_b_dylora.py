@@ -28,7 +28,7 @@ def _single_thread():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("dylora")
-    return tmp, train_method(tmp, tiny_model_dir, "dylora")
+    return tmp, train_method(tmp, tiny_model_dir, "dylora", "learning_rate=1e-2", "text_encoder_lr=1e-2")
 
 
 def _random_adapter(spec: LoraSpec, seed: int = 3):
@@ -106,7 +106,7 @@ def test_trains_resumes_exactly_and_exports_any_rank(run, tiny_model_dir, tmp_pa
     ours, previewer, adapter = native_preview(result.run_dir)
     theirs = diffusers_image(tiny_model_dir, result.lora_path)
     assert abs(theirs - ours).max() <= 1e-4
-    assert abs(theirs - previewer.generate(PROMPT, **PREVIEW, scale=0.0)).max() > 1e-3  # it learned something
+    assert abs(theirs - previewer.generate(PROMPT, **PREVIEW, scale=0.0)).max() > 1e-2  # it learned something
     previewer.set_scale(1.0)
 
     # export --rank 2 is the truncation (first rows / columns, same alpha), not an SVD
