@@ -25,7 +25,7 @@ def _single_thread():
 def run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("drop")
     return tmp, train_method(tmp, tiny_model_dir, "lora_drop", "network_args={warmup = 0.5, threshold = 0.6, measure_steps = 2}",
-                             "learning_rate=1e-2", "text_encoder_lr=1e-2", save_every=1)
+                             "learning_rate=1e-2", "text_encoder_lr=1e-2", steps=6, save_every=2)
 
 
 def test_threshold_rule_keeps_the_most_important_layers():
@@ -101,13 +101,13 @@ def test_options_are_checked():
 
 def test_trains_resumes_exactly_and_loads_in_diffusers(run, tiny_model_dir, tmp_path):
     tmp, result = run
-    # resume in the middle of the measurement window, and after the layers were dropped
-    assert_same_file(result.lora_path, resume_from(result.run_dir, 1, tmp_path / "from1"))
-    assert_same_file(result.lora_path, resume_from(result.run_dir, 3, tmp_path / "from3"))
+    # warm-up 3 steps, measured on steps 1 and 2: resume in the middle of the measurement, and after the drop
+    assert_same_file(result.lora_path, resume_from(result.run_dir, 2, tmp_path / "from2"))
+    assert_same_file(result.lora_path, resume_from(result.run_dir, 4, tmp_path / "from4"))
 
     info = inspect_file(result.lora_path)
     summary = info["metadata"]["sdlora_lora_drop"]  # JSON, decoded by inspect
-    assert info["method"] == "lora_drop" and summary["dropped"] and summary["drop_step"] == 2
+    assert info["method"] == "lora_drop" and summary["dropped"] and summary["drop_step"] == 3
     assert summary["shared_groups"] > 0 and summary["kept_layers"] > 0
     assert info["network_args"]["drop_threshold"] == "0.6"
 

@@ -14,7 +14,8 @@ shared one; training then continues.
 How this maps onto a diffusion UNet (written for this project; PEFT has no LoRA-drop):
 
 * the importance is measured on the forward passes of the last ``measure_steps`` warm-up steps
-  (the training data itself, with the warm-up weights). The set of trained weights changes in
+  (the training data itself, with the warm-up weights; never the first step, whose adapters are
+  still zero, so the warm-up is at least 2 steps). The set of trained weights changes in
   the middle of the run, which multi-process (DDP) training cannot follow: one process only;
 * a single adapter can only be shared by layers of the same shape: the dropped layers are grouped
   by component, kind, in/out size, kernel, stride, padding and rank, and each group shares the
@@ -121,9 +122,10 @@ class LoraDrop(PlainLora):
     # Schedule -------------------------------------------------------------------------------------
     @staticmethod
     def drop_step(spec: LoraSpec, total_steps: int) -> int:
-        """The number of warm-up steps: layers are dropped right after this many optimizer steps."""
+        """The number of warm-up steps: layers are dropped right after this many optimizer steps
+        (at least 2: the adapters start at zero, so the first step has no output to measure)."""
         warmup = float(spec.options.get("warmup", DEFAULT_WARMUP))
-        return max(1, min(total_steps - 1, int(round(warmup * total_steps))))
+        return max(min(2, total_steps - 1), min(total_steps - 1, int(round(warmup * total_steps))))
 
     def _state(self, adapter: "LoraAdapter") -> _DropState:
         per_model = self._states.setdefault(adapter.models[0], {})
@@ -145,7 +147,7 @@ class LoraDrop(PlainLora):
             )
         k = self.drop_step(adapter.spec, total_steps)
         window = int(adapter.spec.options.get("measure_steps", DEFAULT_MEASURE_STEPS))
-        if not max(0, k - window) <= step < k:
+        if not max(1, k - window) <= step < k:  # step 0 runs with up = 0: every output is zero
             return
         layers = list(adapter.layers())
         labels = [f"{comp}.{path}" for comp, path, _ in layers]
