@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
 from ..errors import LoraError
@@ -58,7 +59,7 @@ DEFAULT_FACTOR = 0.5
 DEFAULT_UPDATE_START = 0.1
 
 
-class DeltaLoraVariant:
+class DeltaLoraVariant(LoraVariant):
     """One layer's adapter plus its accumulated base-weight change (a PEFT ``LoraVariant``).
 
     ``start_down`` / ``start_up`` are ``A_K`` / ``B_K`` once the base has started to move (``None``

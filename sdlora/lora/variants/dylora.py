@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
 from ..errors import LoraError
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 NETWORK_MODULE = "networks.dylora"
 
 
-class DyLoraVariant:
+class DyLoraVariant(LoraVariant):
     """The truncated forward pass of one adapter in one PEFT LoRA layer (a PEFT ``LoraVariant``).
 
     ``rank`` is the number of leading components in use (``None``: all). During a training step
