@@ -33,8 +33,9 @@ On CUDA nothing is changed: cuDNN keeps its own weight layouts and SDPA picks it
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -52,12 +53,14 @@ SMALL_ATTENTION_ENTRIES = 512 * 512
 class SpeedOptions:
     """Which settings :func:`prepare_for_training` applies (all on by default).
 
-    ``frozen_kernels``: oneDNN packs / cached casts for frozen Conv2d and Linear layers (CPU).
+    ``frozen_convs``: frozen Conv2d layers on cached oneDNN weight packs (CPU).
+    ``frozen_linears``: frozen Linear layers through oneDNN with a cached bf16 weight (CPU).
     ``attention``: ``"auto"`` picks the attention kernel by size on the CPU, ``"sdpa"`` uses
     diffusers' SDPA processor everywhere, ``"unchanged"`` leaves the model's processors alone.
     """
 
-    frozen_kernels: bool = True
+    frozen_convs: bool = True
+    frozen_linears: bool = True
     attention: str = "auto"
 
     def __post_init__(self) -> None:
@@ -97,12 +100,12 @@ def prepare_for_training(unet: nn.Module, text_encoder: nn.Module | None, device
     if dev != "cpu":
         return report
     models = [m for m in (unet, text_encoder) if m is not None]
-    if options.frozen_kernels:
+    if options.frozen_convs or options.frozen_linears:
         if not torch.backends.mkldnn.is_available():
             report.notes.append("oneDNN not available in this PyTorch build: frozen-weight kernels off")
         else:
             for model in models:
-                convs, linears = _install_frozen_kernels(model)
+                convs, linears = _install_frozen_kernels(model, options.frozen_convs, options.frozen_linears)
                 report.frozen_convs += convs
                 report.frozen_linears += linears
     if options.attention != "unchanged" and hasattr(unet, "set_attn_processor") and hasattr(unet, "attn_processors"):
@@ -121,22 +124,45 @@ def restore(*models: nn.Module | None) -> None:
                 module.__dict__.pop("_sdlora_cache", None)
         previous = getattr(model, "_sdlora_attn_processors", None)
         if previous is not None:
-            model.set_attn_processor(previous)
+            model.set_attn_processor(dict(previous))  # diffusers pops from the dict it is given
             del model._sdlora_attn_processors
+
+
+_SUSPENDED = 0
+
+
+@contextlib.contextmanager
+def suspended(*models: nn.Module | None) -> Iterator[None]:
+    """Run the plain layers and the attention processors from before :func:`prepare_for_training`
+    inside the block, keeping the caches for afterwards (A/B timings and checks in one process)."""
+    global _SUSPENDED
+    swapped = []
+    for model in models:
+        previous = getattr(model, "_sdlora_attn_processors", None) if model is not None else None
+        if previous is not None:
+            swapped.append((model, dict(model.attn_processors)))
+            model.set_attn_processor(dict(previous))
+    _SUSPENDED += 1
+    try:
+        yield
+    finally:
+        _SUSPENDED -= 1
+        for model, processors in swapped:
+            model.set_attn_processor(processors)
 
 
 # Frozen-weight layers ------------------------------------------------------------------------------
 
 
-def _install_frozen_kernels(model: nn.Module) -> tuple[int, int]:
+def _install_frozen_kernels(model: nn.Module, conv: bool, linear: bool) -> tuple[int, int]:
     """Turn the model's plain, frozen nn.Conv2d / nn.Linear layers into their cached-kernel versions."""
     convs = linears = 0
     for module in model.modules():
-        if type(module) is nn.Conv2d and _conv_supported(module) and _frozen(module):
+        if conv and type(module) is nn.Conv2d and _conv_supported(module) and _frozen(module):
             module.__class__ = FrozenConv2d
             module._sdlora_cache = _Cache()
             convs += 1
-        elif type(module) is nn.Linear and _frozen(module):
+        elif linear and type(module) is nn.Linear and _frozen(module):
             module.__class__ = FrozenLinear
             module._sdlora_cache = _Cache()
             linears += 1
@@ -207,6 +233,8 @@ def _bf16_ok() -> bool:
 
 
 def _fast_path_allowed(module: nn.Module, x: torch.Tensor) -> bool:
+    if _SUSPENDED:
+        return False
     if not torch.is_grad_enabled():
         # Sampling (possibly with adapters merged into these weights): plain path, drop the packs.
         module._sdlora_cache.clear()
