@@ -86,24 +86,28 @@ class DeltaLoraVariant(LoraVariant):
     def started(self) -> bool:
         return self.start_down is not None
 
-    def _moved(self, module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``(B A - B_K A_K) x`` as one rank-2r product, without gradient."""
+    def _start_output(self, module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``B_K A_K x`` (the adapter as it was at step ``K``), without gradient."""
         lora_a = module.lora_A[name]
-        down = torch.cat([lora_a.weight, self.start_down.to(lora_a.weight)])  # type: ignore[union-attr]
-        up_now = module.lora_B[name].weight
-        up = torch.cat([up_now, -self.start_up.to(up_now)], dim=1)  # type: ignore[union-attr]
-        if isinstance(lora_a, nn.Conv2d):
-            hidden = F.conv2d(x, down, None, lora_a.stride, lora_a.padding, lora_a.dilation, lora_a.groups)
-            return F.conv2d(hidden, up)
-        return F.linear(F.linear(x, down), up)
+        down = self.start_down.to(lora_a.weight)  # type: ignore[union-attr]
+        up = self.start_up.to(module.lora_B[name].weight)  # type: ignore[union-attr]
+        with torch.no_grad():
+            if isinstance(lora_a, nn.Conv2d):
+                hidden = F.conv2d(x, down, None, lora_a.stride, lora_a.padding, lora_a.dilation, lora_a.groups)
+                return F.conv2d(hidden, up)
+            return F.linear(F.linear(x, down), up)
 
     def forward(self, module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **_: Any) -> torch.Tensor:
+        """``result + s B A x + lambda s (B A x - B_K A_K x)``, the second term without gradient.
+
+        The branch has no dropout (checked at injection), so ``B A x`` is computed once for both terms.
+        """
         name = active_adapter
         scaling = module.scaling[name]
-        result = result + module.lora_B[name](module.lora_A[name](module.lora_dropout[name](x))) * scaling
+        out = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](x)))
+        result = result + out * scaling
         if self.started and self.factor:
-            with torch.no_grad():
-                moved = self._moved(module, name, x)
+            moved = out.detach() - self._start_output(module, name, x)
             result = result + moved * (self.factor * scaling)
         return result
 

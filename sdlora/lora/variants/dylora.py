@@ -7,9 +7,9 @@ layer computes the truncated forward pass of the paper::
     h = W0 x + alpha / b * W_up[:, :b] W_dw[:b, :] x
 
 In the paper's default ("frozen") mode only the ``b``-th row of ``W_dw`` and the ``b``-th column of
-``W_up`` are updated in that step: the lower components get no gradient and are put back after the
-optimizer step (so neither momentum nor weight decay moves them). With ``frozen = false`` all
-components ``<= b`` train. Because the components are sorted this way, the first ``k`` rows and
+``W_up`` are updated in that step; with ``frozen = false`` all components ``<= b`` are. The others
+get no gradient, and after the optimizer step they are put back as they were (so neither Adam's
+momentum nor weight decay moves them). Because the components are sorted this way, the first ``k`` rows and
 columns of the trained adapter are a rank-``k`` LoRA for every ``k``: ``sdlora export --rank k``
 writes that truncation (:func:`truncate_rank`, no SVD) and the preview can switch rank
 (:func:`set_active_rank`, ``Previewer.set_rank``).
