@@ -77,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rss-sizes", default="256,512", help="sizes for the peak-RSS runs (default 256,512)")
     p.add_argument("--rss-precisions", default="",
                    help="precisions of the peak-RSS runs (default: the one training picks here with mixed_precision=auto)")
-    p.add_argument("--rss-plain", action="store_true", help="also measure peak RSS without the speed settings")
+    p.add_argument("--rss-modes", default="auto",
+                   help="speed-setting modes of the peak-RSS runs, comma-separated: auto (what training uses: 'low' with "
+                        "gradient checkpointing), speed, low, plain (no speed settings); default auto")
     p.add_argument("--threads-compare", action="store_true",
                    help="also time the step in subprocesses with different OpenMP thread settings")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -137,7 +139,7 @@ class Models:
 class Trainer:
     """One training step exactly as ``sdlora.train.loop`` runs it, on the given models."""
 
-    def __init__(self, models: Models, cfg, size: int, *, speed: bool):
+    def __init__(self, models: Models, cfg, size: int, *, speed: bool, memory: str = "auto"):
         import torch
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
@@ -145,7 +147,7 @@ class Trainer:
         from sdlora.lora import inject_adapters
         from sdlora.train.loop import _make_optimizer, lora_spec
         from sdlora.train.perf import resolve_precision
-        from sdlora.train.speed import prepare_for_training
+        from sdlora.train.speed import SpeedOptions, prepare_for_training
 
         AcceleratorState._reset_state(True)  # one process measures several precisions
         self.precision, _ = resolve_precision(cfg.mixed_precision, "cpu")
@@ -155,7 +157,8 @@ class Trainer:
         if cfg.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
         models.unet.train()
-        self.report = prepare_for_training(models.unet, None, self.accelerator.device) if speed else None
+        self.report = (prepare_for_training(models.unet, None, self.accelerator.device, SpeedOptions(memory=memory))
+                       if speed else None)
         groups = self.adapter.param_groups(unet_lr=cfg.effective_unet_lr, text_encoder_lr=cfg.text_encoder_lr,
                                            weight_decay=cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
@@ -275,9 +278,10 @@ def child_rss(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     models = Models(with_vae=True)
     cfg = train_config(spec["preset"], spec["rank"], PRECISION_NAMES[spec["precision"]], gradient_checkpointing=True)
-    trainer = Trainer(models, cfg, spec["size"], speed=spec["speed"])
-    times = [timed(trainer.step) for _ in range(2)]
-    return {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": times}
+    trainer = Trainer(models, cfg, spec["size"], speed=spec["mode"] != "plain", memory=spec["mode"])
+    times = [timed(trainer.step) for _ in range(3)]
+    return {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": times,
+            "settings": trainer.report.summary() if trainer.report else "plain"}
 
 
 def child_threads(spec: dict) -> dict:
@@ -404,17 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     rss = []
     if not args.skip_rss:
         rss_precisions = [p.strip() for p in args.rss_precisions.split(",") if p.strip()] or [auto_precision]
-        print("\npeak RSS of a training process (UNet + text encoder + VAE, attn-mlp, gradient checkpointing, 2 steps):")
+        modes = [m.strip() for m in args.rss_modes.split(",") if m.strip()]
+        print("\npeak RSS of a training process (UNet + text encoder + VAE, attn-mlp, gradient checkpointing, 3 steps;\n"
+              "step times: the last two, after the weight packs are made):")
         for precision in rss_precisions:
             for size in [int(s) for s in args.rss_sizes.split(",") if s.strip()]:
-                for speed in ([True, False] if args.rss_plain else [True]):
+                for mode in modes:
                     spec = {"kind": "rss", "preset": "attn-mlp", "rank": args.rank, "precision": precision,
-                            "size": size, "speed": speed, "threads": args.threads}
+                            "size": size, "mode": mode, "threads": args.threads}
                     out = run_child(spec)
                     out.update(spec)
                     rss.append(out)
-                    print(f"  {size} px {precision} {'sdlora' if speed else 'plain '}: {out['maxrss_mb'] / 1024:5.2f} GB "
-                          f"(step {_median([s['wall'] for s in out['steps']]):.1f} s)"
+                    label = "plain" if mode == "plain" else f"sdlora ({out['settings'].split('memory mode ')[-1].split(')')[0]})"
+                    print(f"  {size} px {precision} {label:14s}: {out['maxrss_mb'] / 1024:5.2f} GB, "
+                          f"step {_median([s['wall'] for s in out['steps'][1:]]):.1f} s"
                           + ("   goal <= 8 GB" if size == 512 else ""), flush=True)
 
     threads = []

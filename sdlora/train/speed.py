@@ -8,7 +8,7 @@ the numbers are in ``docs/performance.md``. In short, on a CPU:
   1280-channel layers at 256 px (8x8 and 4x4 latents) that reorder costs 5-10x the convolution
   itself. The base weights do not train, so each layer keeps a forward pack and a pack of the
   input-gradient convolution (the transposed, flipped kernel; a transposed convolution for
-  strided layers), made once. Results are the same oneDNN kernels on the same values.
+  strided layers), made once, and runs on channels-last activations (oneDNN's native layout).
 * **Frozen Linear layers run through oneDNN with a cached bf16 weight.** Under bf16 autocast the
   plain path casts every frozen fp32 weight to bf16 on every call (the autocast cache only keeps
   casts of weights that require grad); in fp32, ``torch.mm`` goes to MKL, which on AMD CPUs runs
@@ -16,17 +16,20 @@ the numbers are in ``docs/performance.md``. In short, on a CPU:
   view), so fp32 needs no extra memory and bf16 one bf16 copy.
 * Neither keeps the layer's input for backward (a frozen weight needs no input to get its
   gradient), which also lowers activation memory.
-* **Attention by size**: PyTorch's CPU flash-attention kernel wins on long sequences (self-
-  attention over 32x32 latents and larger) but is 2-3x slower than a plain batched matmul +
-  softmax on short ones (cross-attention to 77 text tokens, the 16x16 and 8x8 levels). A small
-  processor picks diffusers' ``AttnProcessor2_0`` or ``AttnProcessor`` by the size of the
-  attention matrix.
+* **Attention by size (bf16)**: PyTorch's CPU flash-attention kernel wins on long sequences
+  (self-attention over 32x32 latents and larger) but in bf16 is 2-3x slower than a plain batched
+  matmul + softmax on short ones (cross-attention to 77 text tokens, the 16x16 and 8x8 levels).
+  A small processor picks diffusers' ``AttnProcessor2_0`` or ``AttnProcessor`` by the size of the
+  attention matrix. In fp32 the two are within 10 % of each other and SDPA is kept.
 
-The fast paths are taken only where they give the same result as the plain layer: a CPU tensor,
-gradients enabled (a training forward), a frozen weight that has not changed since it was packed,
-fp32 or bf16-autocast compute, and no tracing or compiling. Anything else runs the layer's own
-``forward``. A forward without gradients (sampling previews, which may merge adapters into the
-base weights) drops the caches; the next training forward rebuilds them.
+The fast paths compute the same function as the plain layers; only the floating-point summation
+order differs (on the SD 1.5 UNet the LoRA gradients differ from the plain step's by 3e-6 in fp32
+and 1.4 % in bf16, where plain bf16 itself differs from fp32 by 1.6 %). They are taken for a CPU
+tensor, gradients enabled (a training forward), a frozen weight that has not changed since it
+was packed, fp32 or bf16-autocast compute, enough work per call (:data:`MIN_MACS`) and no
+tracing or compiling. Anything else runs the layer's own ``forward``. A forward without
+gradients (sampling previews, which may merge adapters into the base weights) drops the
+caches; the next training forward rebuilds them.
 
 On CUDA nothing is changed: cuDNN keeps its own weight layouts and SDPA picks its kernel.
 """
@@ -41,11 +44,17 @@ import torch
 from torch import nn
 
 ATTENTION_CHOICES = ("auto", "sdpa", "unchanged")
+MEMORY_CHOICES = ("auto", "speed", "low")
 
-#: Attention matrices up to this many entries per head (query length x key length) run as a
-#: batched matmul + softmax on the CPU; larger ones through SDPA's flash kernel. Measured on
-#: SD 1.5 shapes: 1024x77 and 256x256 are 2-3x faster as matmuls, 1024x1024 is 1.1x (bf16) to
-#: 1.9x (fp32) faster with SDPA.
+#: Calls with fewer multiply-adds than this run the plain layer: below it the fixed cost of a
+#: oneDNN call from Python outweighs the gain (measured: a 256x256x256 Linear is 0.9-1.8x, a
+#: 320-channel 3x3 convolution at 8x8 2-5x). The tiny test models stay entirely below it.
+MIN_MACS = 1 << 24
+
+#: In bf16 on a CPU, attention matrices up to this many entries per head (query length x key
+#: length) run as a batched matmul + softmax, larger ones through SDPA's flash kernel. Measured
+#: on SD 1.5 shapes (fwd + bwd): 1024x77 and 256x256 are 2.4-3x faster as matmuls, 1024x1024
+#: is 1.1x faster with SDPA (and needs far less memory).
 SMALL_ATTENTION_ENTRIES = 512 * 512
 
 
@@ -57,16 +66,24 @@ class SpeedOptions:
     ``frozen_linears``: frozen Linear layers through oneDNN with a cached bf16 weight (CPU).
     ``attention``: ``"auto"`` picks the attention kernel by size on the CPU, ``"sdpa"`` uses
     diffusers' SDPA processor everywhere, ``"unchanged"`` leaves the model's processors alone.
+    ``memory``: ``"speed"`` keeps a forward and an input-gradient pack per frozen Conv2d (about
+    the size of the fp32 weights in bf16, twice that in fp32); ``"low"`` keeps only the forward
+    pack and only in bf16 (the input gradient casts the weight per call like the plain layer);
+    ``"auto"`` is ``"low"`` when the UNet has gradient checkpointing on (the user asked for less
+    memory) and ``"speed"`` otherwise.
     """
 
     frozen_convs: bool = True
     frozen_linears: bool = True
     attention: str = "auto"
+    memory: str = "auto"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"SpeedOptions.attention must be one of {', '.join(ATTENTION_CHOICES)}, "
                              f"got {self.attention!r}")
+        if self.memory not in MEMORY_CHOICES:
+            raise ValueError(f"SpeedOptions.memory must be one of {', '.join(MEMORY_CHOICES)}, got {self.memory!r}")
 
 
 @dataclass
@@ -76,6 +93,7 @@ class SpeedReport:
     device: str
     frozen_convs: int = 0
     frozen_linears: int = 0
+    memory: str = "speed"
     attention: str = "unchanged"
     notes: list[str] = field(default_factory=list)
 
@@ -83,7 +101,8 @@ class SpeedReport:
         if self.device != "cpu":
             return f"{self.device}: no changes"
         return (f"cpu: {self.frozen_convs} frozen Conv2d and {self.frozen_linears} frozen Linear layers on cached "
-                f"oneDNN weights; attention {self.attention}" + ("".join(f"; {n}" for n in self.notes)))
+                f"oneDNN weights (memory mode {self.memory}); attention {self.attention}"
+                + "".join(f"; {n}" for n in self.notes))
 
 
 def prepare_for_training(unet: nn.Module, text_encoder: nn.Module | None, device: torch.device | str,
@@ -91,8 +110,8 @@ def prepare_for_training(unet: nn.Module, text_encoder: nn.Module | None, device
     """Apply the measured speed settings to the models (in place) and say what was done.
 
     Call after the adapters are injected and the base weights frozen. Safe to call twice;
-    :func:`restore` undoes it. Training results do not depend on it beyond floating-point
-    summation order (bf16 results are bit-identical on the layers measured).
+    :func:`restore` undoes it and :func:`suspended` pauses it. Training results do not depend
+    on it beyond floating-point summation order.
     """
     options = options or SpeedOptions()
     dev = torch.device(device).type
@@ -100,12 +119,16 @@ def prepare_for_training(unet: nn.Module, text_encoder: nn.Module | None, device
     if dev != "cpu":
         return report
     models = [m for m in (unet, text_encoder) if m is not None]
+    report.memory = options.memory
+    if options.memory == "auto":
+        report.memory = "low" if getattr(unet, "is_gradient_checkpointing", False) else "speed"
     if options.frozen_convs or options.frozen_linears:
         if not torch.backends.mkldnn.is_available():
             report.notes.append("oneDNN not available in this PyTorch build: frozen-weight kernels off")
         else:
             for model in models:
-                convs, linears = _install_frozen_kernels(model, options.frozen_convs, options.frozen_linears)
+                convs, linears = _install_frozen_kernels(model, options.frozen_convs, options.frozen_linears,
+                                                         low_memory=report.memory == "low")
                 report.frozen_convs += convs
                 report.frozen_linears += linears
     if options.attention != "unchanged" and hasattr(unet, "set_attn_processor") and hasattr(unet, "attn_processors"):
@@ -154,19 +177,20 @@ def suspended(*models: nn.Module | None) -> Iterator[None]:
 # Frozen-weight layers ------------------------------------------------------------------------------
 
 
-def _install_frozen_kernels(model: nn.Module, conv: bool, linear: bool) -> tuple[int, int]:
+def _install_frozen_kernels(model: nn.Module, conv: bool, linear: bool, *, low_memory: bool) -> tuple[int, int]:
     """Turn the model's plain, frozen nn.Conv2d / nn.Linear layers into their cached-kernel versions."""
     convs = linears = 0
     for module in model.modules():
         if conv and type(module) is nn.Conv2d and _conv_supported(module) and _frozen(module):
             module.__class__ = FrozenConv2d
-            module._sdlora_cache = _Cache()
+            module._sdlora_cache = _Cache(low_memory)
             convs += 1
         elif linear and type(module) is nn.Linear and _frozen(module):
             module.__class__ = FrozenLinear
-            module._sdlora_cache = _Cache()
+            module._sdlora_cache = _Cache(low_memory)
             linears += 1
         elif isinstance(module, (FrozenConv2d, FrozenLinear)):
+            module._sdlora_cache = _Cache(low_memory)  # prepared again: new memory mode, packs rebuilt
             convs += isinstance(module, FrozenConv2d)
             linears += isinstance(module, FrozenLinear)
     return convs, linears
@@ -182,13 +206,15 @@ def _conv_supported(module: nn.Conv2d) -> bool:
 
 
 class _Cache:
-    """Per-layer cache: the packed/cast weights and the key of the weights they were made from."""
+    """Per-layer cache: the packed/cast weights, the key of the weights they were made from, and
+    the memory mode (``low_memory``: forward packs only, bf16 only)."""
 
-    __slots__ = ("key", "items")
+    __slots__ = ("key", "items", "low_memory")
 
-    def __init__(self) -> None:
+    def __init__(self, low_memory: bool = False) -> None:
         self.key: tuple | None = None
         self.items: dict[str, Any] = {}
+        self.low_memory = low_memory
 
     def get(self, key: tuple, build) -> dict[str, Any]:
         if key != self.key:
@@ -257,16 +283,18 @@ class FrozenConv2d(nn.Conv2d):
     _sdlora_cache: _Cache
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Conv2d's name
-        if input.dim() != 4 or not _fast_path_allowed(self, input):
+        if (input.dim() != 4 or input.shape[0] * (input.shape[2] // self.stride[0]) * (input.shape[3] // self.stride[1])
+                * self.weight.numel() < MIN_MACS or not _fast_path_allowed(self, input)):
             return super().forward(input)
         dtype = _compute_dtype(input, self.weight)
-        if dtype is None:
+        cache = self._sdlora_cache
+        if dtype is None or (cache.low_memory and dtype != torch.bfloat16):
             return super().forward(input)
-        packs = self._sdlora_cache.get(_weights_key(self, dtype), lambda: self._pack(dtype, input.shape))
+        packs = cache.get(_weights_key(self, dtype), lambda: self._pack(dtype, input.shape, not cache.low_memory))
         x = input.to(dtype).contiguous(memory_format=torch.channels_last)
         return _PackedConv.apply(x, packs, self)
 
-    def _pack(self, dtype: torch.dtype, input_shape: torch.Size) -> dict[str, Any]:
+    def _pack(self, dtype: torch.dtype, input_shape: torch.Size, backward: bool) -> dict[str, Any]:
         w = self.weight.detach().to(dtype)
         stride, padding, dilation = list(self.stride), list(self.padding), list(self.dilation)
         out_hw = [(input_shape[i + 2] + 2 * padding[i] - dilation[i] * (self.kernel_size[i] - 1) - 1) // stride[i] + 1
@@ -275,6 +303,8 @@ class FrozenConv2d(nn.Conv2d):
         fwd = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, self.groups,
                                                            list(input_shape))
         items: dict[str, Any] = {"fwd": fwd, "bias": None if self.bias is None else self.bias.detach().to(dtype)}
+        if not backward:
+            return items
         if stride == [1, 1] and self.groups == 1:
             # Input gradient of a stride-1 convolution: the same convolution with the kernel
             # transposed (in <-> out channels) and flipped, padded by dilation*(k-1) - padding.
@@ -310,6 +340,11 @@ class _PackedConv(torch.autograd.Function):
             return None, None, None
         packs, layer = ctx.packs, ctx.layer
         g = grad.contiguous(memory_format=torch.channels_last)
+        if "bwd" not in packs:
+            # Low-memory mode: no input-gradient pack; the weight is cast per call as in the plain layer.
+            gx = torch.nn.grad.conv2d_input((g.shape[0], layer.in_channels, *ctx.in_hw), layer.weight.detach().to(g.dtype),
+                                            g, layer.stride, layer.padding, layer.dilation, layer.groups)
+            return gx, None, None
         kind, extra = packs["bwd_kind"]
         out_pad = extra
         if kind == "transpose" and ctx.in_hw != packs.get("bwd_shape"):
@@ -337,7 +372,7 @@ class FrozenLinear(nn.Linear):
     _sdlora_cache: _Cache
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name
-        if input.dim() < 2 or not _fast_path_allowed(self, input):
+        if input.dim() < 2 or input.numel() * self.out_features < MIN_MACS or not _fast_path_allowed(self, input):
             return super().forward(input)
         dtype = _compute_dtype(input, self.weight)
         if dtype is None:
@@ -381,9 +416,9 @@ class _OneDnnLinear(torch.autograd.Function):
 class SizeDispatchAttnProcessor:
     """diffusers attention processor that picks the faster kernel by the attention matrix's size.
 
-    Up to :data:`SMALL_ATTENTION_ENTRIES` entries per head on a CPU: ``AttnProcessor`` (batched
-    matmul + softmax); otherwise ``AttnProcessor2_0`` (``scaled_dot_product_attention``). Both are
-    diffusers' own processors; this class only chooses between them.
+    In bf16 on a CPU, up to :data:`SMALL_ATTENTION_ENTRIES` entries per head: ``AttnProcessor``
+    (batched matmul + softmax); otherwise ``AttnProcessor2_0`` (``scaled_dot_product_attention``).
+    Both are diffusers' own processors; this class only chooses between them.
     """
 
     def __init__(self, max_small_entries: int = SMALL_ATTENTION_ENTRIES) -> None:
@@ -400,7 +435,9 @@ class SizeDispatchAttnProcessor:
         else:
             q_len = hidden_states.shape[1]
         k_len = q_len if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        small = hidden_states.device.type == "cpu" and q_len * k_len <= self.max_small_entries
+        bf16 = (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                or hidden_states.dtype == torch.bfloat16)
+        small = hidden_states.device.type == "cpu" and bf16 and q_len * k_len <= self.max_small_entries
         proc = self.small if small else self.large
         return proc(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
@@ -420,7 +457,7 @@ def _set_attention(unet: nn.Module, choice: str) -> str:
         unet.set_attn_processor(AttnProcessor2_0())
         return "sdpa"
     unet.set_attn_processor(SizeDispatchAttnProcessor())
-    return f"by size (matmul up to {SMALL_ATTENTION_ENTRIES} entries per head, SDPA above)"
+    return f"by size (bf16: matmul up to {SMALL_ATTENTION_ENTRIES} entries per head, SDPA above)"
 
 
 def frozen_layers(models: Iterable[nn.Module | None]) -> list[nn.Module]:
