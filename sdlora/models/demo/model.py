@@ -91,6 +91,14 @@ def scheduler_config_kwargs() -> dict[str, Any]:
     )
 
 
+def build_vae(seed: int = 0):
+    """A fresh (random) ``AutoencoderKL`` of the demo architecture; the same as ``build_models(seed)[0]``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**vae_config())
+
+
 def build_models(seed: int = 0):
     """Fresh (random) ``(vae, unet, text_encoder)`` of the demo architecture, deterministic for ``seed``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

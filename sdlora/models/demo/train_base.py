@@ -44,6 +44,7 @@ from .model import (
     DEFAULT_STEPS,
     RESOLUTION,
     build_models,
+    build_vae,
     save_demo_model,
     scheduler_config_kwargs,
 )
@@ -123,7 +124,7 @@ def train_vae(cfg: BaseTrainConfig, work: Path, deadline: _Deadline) -> bool:
     final = work / "vae_final.pt"
     if final.exists():
         return True
-    vae, _, _ = build_models(cfg.seed)
+    vae = build_vae(cfg.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     step = 0
     ckpt = _load_checkpoint(work / "vae_ckpt.pt")
@@ -165,7 +166,7 @@ def train_vae(cfg: BaseTrainConfig, work: Path, deadline: _Deadline) -> bool:
 
 
 def _load_vae(cfg: BaseTrainConfig, work: Path, tuned: bool = False):
-    vae, _, _ = build_models(cfg.seed)
+    vae = build_vae(cfg.seed)
     path = work / ("vae_tuned.pt" if tuned else "vae_final.pt")
     vae.load_state_dict(_load_checkpoint(path)["model"])
     vae.eval().requires_grad_(False)
