@@ -32,14 +32,21 @@ def run(tmp_path_factory, tiny_model_dir):
 
 
 def test_budget_schedule_reaches_the_target():
-    spec = LoraSpec(method="adalora", rank=8, options={"target_rank": 2, "tinit": 0.1, "tfinal": 0.2, "delta_t": 1})
+    spec = LoraSpec(method="adalora", preset="attn", rank=8, options={"target_rank": 2, "tinit": 0.1, "tfinal": 0.2, "delta_t": 1})
     sched = schedule(spec, 100)
     assert sched == Schedule(total=100, tinit=10, tfinal=20, delta_t=1) and sched.final_step == 80
-    budgets = [budget_at(step, 8 * 30, 2 * 30, sched) for step in range(100)]
-    assert budgets[:11] == [240] * 11                        # warm-up keeps the initial budget
+    pipe = build_tiny_pipeline(seed=0)
+    adapter = inject_adapters(pipe.unet, None, spec)
+    layers = sum(1 for _ in adapter.layers())
+    allocator = adapter.method._start(adapter, 100).allocator  # PEFT's RankAllocator, as training uses it
+    assert (allocator.init_bgt, allocator.target_bgt) == (8 * layers, 2 * layers)
+    budgets = [budget_at(step, 8 * layers, 2 * layers, sched) for step in range(100)]
+    assert budgets[:80] == [allocator.budget_schedule(step)[0] for step in range(80)]
+    assert budgets[:11] == [8 * layers] * 11                  # warm-up keeps the initial budget
     assert all(a >= b for a, b in zip(budgets, budgets[1:]))  # then it only shrinks ...
-    assert budgets[80:] == [60] * 20                          # ... to the target, final for the last tfinal steps
+    assert budgets[80:] == [2 * layers] * 20                  # ... to the target, final for the last tfinal steps
     assert len(set(budgets[11:80])) > 30                      # cubic, not a step
+    assert adapter.method.budget(adapter) == {"init": 8 * layers, "target": 2 * layers, "current": None}
     with pytest.raises(LoraError, match="leave none"):
         schedule(spec, 1)
 

@@ -102,7 +102,8 @@ def schedule(spec: LoraSpec, total_steps: int) -> Schedule:
 
 
 def budget_at(step: int, init_budget: int, target_budget: int, sched: Schedule) -> int:
-    """The total rank allowed after ``step`` (PEFT's cubic schedule, eq. 12 of the paper)."""
+    """The total rank allowed after ``step`` (the paper's cubic schedule, eq. 12, as PEFT's
+    ``RankAllocator.budget_schedule`` computes it; the final allocation happens at ``final_step``)."""
     if step <= sched.tinit:
         return init_budget
     if step >= sched.final_step:
@@ -336,7 +337,7 @@ class AdaLora(AdapterMethod):
             "target_total_rank": target_rank(adapter.spec) * len(layers),
             "total_rank": sum(kept.values()),
             "total_rank_by_component": {k: v for k, v in kept.items() if v},
-            "final": bool(state.schedule and state.rank_pattern is not None and state.budget == target_rank(adapter.spec) * len(layers)),
+            "final": bool(state.schedule is not None and state.budget == target_rank(adapter.spec) * len(layers)),
         }
         return {"sdlora_adalora": json.dumps(summary)}
 
@@ -402,7 +403,8 @@ class AdaLora(AdapterMethod):
                 state.rank_pattern = allocator.mask_to_budget(view, budget)
                 state.budget = budget
         elif step == sched.final_step:
-            state.rank_pattern = allocator.mask_to_budget(view, allocator.target_bgt)
+            if allocator.target_bgt < allocator.init_bgt:
+                state.rank_pattern = allocator.mask_to_budget(view, allocator.target_bgt)
             state.budget = allocator.target_bgt
             allocator.reset_ipt()
         elif state.rank_pattern:
