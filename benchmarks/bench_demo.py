@@ -19,7 +19,7 @@ TRIGGERS = {"stripes": "stripey", "outline": "outlined", "pastel": "pastelish"}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--style", default="stripes", choices=sorted(TRIGGERS))
+    ap.add_argument("--style", default="pastel", choices=sorted(TRIGGERS))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--steps", type=int, default=None, help="override max_train_steps")
     ap.add_argument("--grid", type=Path, default=None, help="save the scale grid PNG here")

@@ -1,4 +1,4 @@
-"""A style LoRA is really learned on the bundled demo model (configs/demo_style.toml, the stripes set).
+"""A style LoRA is really learned on the bundled demo model (configs/demo_style.toml, the pastel set).
 
 Trains with the real trainer, then slides the scale: the style metric rises with the scale and is
 clearly above the base at 1.0, the content (colour, shape) is kept, scale 0 is the base exactly,
@@ -31,7 +31,7 @@ def trained_style(tmp_path_factory):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads() if threads > 1 else 2)))
     try:
         out = tmp_path_factory.mktemp("style")
-        cfg = TrainConfig.from_toml(CONFIG, [f"output_dir={out}", f"train_data_dir={REPO / 'sample_data/styles/stripes'}",
+        cfg = TrainConfig.from_toml(CONFIG, [f"output_dir={out}", f"train_data_dir={REPO / 'sample_data/styles/pastel'}",
                                              "sample_every_n_steps=0", "save_every_n_steps=0"])
         result = train(cfg)
     finally:
@@ -47,8 +47,8 @@ def test_style_rises_with_scale_and_content_is_kept(trained_style, artifacts_dir
     cfg, lora = trained_style
     prev = Previewer("demo")
     prev.set_loras([(lora, 1.0)])
-    rep = evaluate_style(prev, "stripes", cfg.trigger_word, scales=(0.0, 0.5, 1.0), n=8)
-    save_scale_grid(rep, artifacts_dir / "demo-style-stripes.png")
+    rep = evaluate_style(prev, "pastel", cfg.trigger_word, scales=(0.0, 0.5, 1.0), n=8)
+    save_scale_grid(rep, artifacts_dir / "demo-style-pastel.png")
     s0, s05, s1 = rep.style_scores
     assert s0 < s05 < s1, rep.style_scores
     assert s1 - s0 > 0.15, rep.style_scores  # a clear margin on a 0..1 metric
