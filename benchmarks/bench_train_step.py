@@ -17,7 +17,8 @@ param groups. Printed, all measured in the same run:
   bf16, measured at the start and the end of the run; the best counts);
 * CPU seconds per step and how many cores other processes used meanwhile (``/proc/stat``);
 * peak RSS of a training process at 256 and 512 px with gradient checkpointing (each in a fresh
-  subprocess holding the UNet, text encoder and VAE like a training run; ``ru_maxrss``);
+  subprocess holding the UNet, text encoder and VAE like a training run; Linux's ``VmHWM``, the
+  ``ru_maxrss`` of the process's own memory);
 * with ``--threads-compare``: the step in subprocesses with different OpenMP thread settings.
 
 The reference step times of other trainers (kohya sd-scripts, diffusers' DreamBooth-LoRA example)
@@ -80,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rss-modes", default="auto",
                    help="speed-setting modes of the peak-RSS runs, comma-separated: auto (what training uses: 'low' with "
                         "gradient checkpointing), speed, low, plain (no speed settings); default auto")
+    p.add_argument("--gc-timings", type=int, default=0, metavar="SIZE",
+                   help="also time the step with gradient checkpointing at SIZE px (attn-mlp, the auto precision): "
+                        "plain and both memory modes of the speed settings, in this process")
     p.add_argument("--threads-compare", action="store_true",
                    help="also time the step in subprocesses with different OpenMP thread settings")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -242,6 +246,28 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
+def bench_checkpointing(models: Models, size: int, precision: str, args) -> dict:
+    """Gradient checkpointing at ``size``: plain step and the two memory modes, interleaved."""
+    from sdlora.train.speed import SpeedOptions, prepare_for_training, restore, suspended
+
+    cfg = train_config("attn-mlp", args.rank, PRECISION_NAMES[precision], gradient_checkpointing=True)
+    trainer = Trainer(models, cfg, size, speed=False)
+    times: dict[str, list] = {"plain": [], "low": [], "speed": []}
+    try:
+        trainer.step()
+        for mode in ("low", "speed"):
+            prepare_for_training(models.unet, None, "cpu", SpeedOptions(memory=mode))
+            trainer.step()                      # warm-up: makes the weight packs of this mode
+            for _ in range(args.steps):
+                with suspended(models.unet):
+                    times["plain"].append(timed(trainer.step))
+                times[mode].append(timed(trainer.step))
+            restore(models.unet)
+    finally:
+        trainer.remove()
+    return {"size": size, "precision": precision, **times}
+
+
 def bench_preset(models: Models, preset: str, precision: str, args) -> dict:
     """Plain and sdlora step of one preset and precision, interleaved, plus the step's FLOPs."""
     from sdlora.train.speed import suspended
@@ -269,6 +295,21 @@ def bench_preset(models: Models, preset: str, precision: str, args) -> dict:
 # Child processes ---------------------------------------------------------------------------------
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB.
+
+    ``VmHWM`` where Linux has it: ``ru_maxrss`` of a process started by fork + exec also counts
+    what the parent held at the fork, so it would report the benchmark's own memory.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child_rss(spec: dict) -> dict:
     """One process: models like a training run (UNet + text encoder + VAE), gradient checkpointing,
     two steps at ``size``; returns peak RSS."""
@@ -280,7 +321,7 @@ def child_rss(spec: dict) -> dict:
     cfg = train_config(spec["preset"], spec["rank"], PRECISION_NAMES[spec["precision"]], gradient_checkpointing=True)
     trainer = Trainer(models, cfg, spec["size"], speed=spec["mode"] != "plain", memory=spec["mode"])
     times = [timed(trainer.step) for _ in range(3)]
-    return {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": times,
+    return {"maxrss_mb": peak_rss_mb(), "steps": times,
             "settings": trainer.report.summary() if trainer.report else "plain"}
 
 
@@ -405,6 +446,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name}: {secs:.1f} s/step; sdlora {r['precision']} {preset} here {r['sdlora_median_s']:.2f} s "
                       f"= {r['sdlora_median_s'] / secs:.2f}x")
 
+    checkpointing = None
+    if args.gc_timings:
+        models = Models()
+        checkpointing = bench_checkpointing(models, args.gc_timings, auto_precision, args)
+        del models
+        print(f"\ngradient checkpointing, {args.gc_timings} px, attn-mlp, {auto_precision} (median s/step; "
+              f"others used {_median([x['others'] for v in ('plain', 'low', 'speed') for x in checkpointing[v] if x['others'] is not None]):.1f} cores):")
+        plain_s = _median([x["wall"] for x in checkpointing["plain"]])
+        for mode in ("plain", "low", "speed"):
+            m = _median([x["wall"] for x in checkpointing[mode]])
+            print(f"  {mode:6s}: {m:6.2f} s  ({plain_s / m:.2f}x plain)")
+
     rss = []
     if not args.skip_rss:
         rss_precisions = [p.strip() for p in args.rss_precisions.split(",") if p.strip()] or [auto_precision]
@@ -453,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "bf16_speedup": bf16_speedup, "load_start": load_start, "load_end": load_end,
-                "peaks": peaks, "results": results, "rss": rss, "thread_settings": threads}
+                "peaks": peaks, "results": results, "rss": rss, "thread_settings": threads,
+                "checkpointing": checkpointing}
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, args.json)

@@ -127,27 +127,49 @@ def test_changed_weights_are_repacked_and_no_grad_forwards_drop_caches():
     assert net.conv._sdlora_cache.key != key
 
 
-def test_small_layers_and_frozen_text_keep_the_plain_path(tiny_pipe):
-    """The tiny test models stay below MIN_MACS: nothing cached, results bit-identical."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tiny_models_train_bit_identically(tiny_pipe, precision):
+    """The tiny test models stay below MIN_MACS, and skipping PEFT's fp32 input copy changes no
+    value: with attention left alone, the adapter gradients are bit-identical."""
+    if precision == "bf16" and not BF16:
+        pytest.skip("no native bf16 in oneDNN on this CPU")
     from sdlora.lora import LoraSpec, inject_adapters
 
     unet = tiny_pipe.unet.requires_grad_(False)
     adapter = inject_adapters(unet, None, LoraSpec(preset="full", rank=4))
-    latents = torch.randn(1, unet.config.in_channels, 16, 16)
-    hidden = torch.randn(1, 77, unet.config.cross_attention_dim)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    latents = torch.randn(1, unet.config.in_channels, 16, 16, generator=g)
+    hidden = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
 
     def grads():
         for p in adapter.parameters():
             p.grad = None
-        unet(latents, torch.tensor([10]), hidden).sample.square().mean().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = unet(latents, torch.tensor([10]), hidden).sample
+        out.float().square().mean().backward()
         return torch.cat([p.grad.flatten() for p in adapter.parameters()])
 
     g0 = grads()
     report = prepare_for_training(unet, None, "cpu", SpeedOptions(attention="unchanged"))
-    assert report.frozen_convs > 0
+    assert report.frozen_convs > 0 and report.lora_layers_without_input_cast > 0
     g1 = grads()
     assert torch.equal(g0, g1)
     assert not any(m._sdlora_cache.items for m in frozen_layers([unet]))
+    restore(unet)
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in unet.modules())
+
+
+def test_adapters_with_dropout_keep_the_input_cast(tiny_pipe):
+    from sdlora.lora import LoraSpec, inject_adapters
+
+    unet = tiny_pipe.unet.requires_grad_(False)
+    inject_adapters(unet, None, LoraSpec(preset="attn", rank=4, dropout=0.1))
+    report = prepare_for_training(unet, None, "cpu")
+    assert report.lora_layers_without_input_cast == 0
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in unet.modules())
 
 
 def test_attention_by_size_matches_sdpa():

@@ -14,7 +14,12 @@ the numbers are in ``docs/performance.md``. In short, on a CPU:
   casts of weights that require grad); in fp32, ``torch.mm`` goes to MKL, which on AMD CPUs runs
   at less than half of oneDNN's speed. The input gradient reuses the same weight (a transposed
   view), so fp32 needs no extra memory and bf16 one bf16 copy.
-* Neither keeps the layer's input for backward (a frozen weight needs no input to get its
+* **No fp32 round trip into the adapters.** PEFT casts a LoRA layer's input to the adapter
+  weights' dtype (fp32) and autocast casts it straight back to bf16 for the adapter's matmul:
+  two copies of every adapted activation per step, forward and backward. Where the adapter has
+  no dropout and no method-specific forward, the cast is switched off (PEFT's
+  ``cast_input_dtype_enabled``); the adapter then sees the same bf16 values.
+* Neither frozen-layer kind keeps the layer's input for backward (a frozen weight needs no input to get its
   gradient), which also lowers activation memory.
 * **Attention by size (bf16)**: PyTorch's CPU flash-attention kernel wins on long sequences
   (self-attention over 32x32 latents and larger) but in bf16 is 2-3x slower than a plain batched
@@ -64,6 +69,7 @@ class SpeedOptions:
 
     ``frozen_convs``: frozen Conv2d layers on cached oneDNN weight packs (CPU).
     ``frozen_linears``: frozen Linear layers through oneDNN with a cached bf16 weight (CPU).
+    ``skip_lora_input_cast``: no fp32 copy of the input of LoRA layers without dropout (CPU).
     ``attention``: ``"auto"`` picks the attention kernel by size on the CPU, ``"sdpa"`` uses
     diffusers' SDPA processor everywhere, ``"unchanged"`` leaves the model's processors alone.
     ``memory``: ``"speed"`` keeps a forward and an input-gradient pack per frozen Conv2d (about
@@ -75,6 +81,7 @@ class SpeedOptions:
 
     frozen_convs: bool = True
     frozen_linears: bool = True
+    skip_lora_input_cast: bool = True
     attention: str = "auto"
     memory: str = "auto"
 
@@ -93,6 +100,7 @@ class SpeedReport:
     device: str
     frozen_convs: int = 0
     frozen_linears: int = 0
+    lora_layers_without_input_cast: int = 0
     memory: str = "speed"
     attention: str = "unchanged"
     notes: list[str] = field(default_factory=list)
@@ -101,7 +109,8 @@ class SpeedReport:
         if self.device != "cpu":
             return f"{self.device}: no changes"
         return (f"cpu: {self.frozen_convs} frozen Conv2d and {self.frozen_linears} frozen Linear layers on cached "
-                f"oneDNN weights (memory mode {self.memory}); attention {self.attention}"
+                f"oneDNN weights (memory mode {self.memory}); {self.lora_layers_without_input_cast} LoRA layers "
+                f"without the fp32 input copy; attention {self.attention}"
                 + "".join(f"; {n}" for n in self.notes))
 
 
@@ -131,6 +140,8 @@ def prepare_for_training(unet: nn.Module, text_encoder: nn.Module | None, device
                                                          low_memory=report.memory == "low")
                 report.frozen_convs += convs
                 report.frozen_linears += linears
+    if options.skip_lora_input_cast:
+        report.lora_layers_without_input_cast = sum(_skip_lora_input_cast(model) for model in models)
     if options.attention != "unchanged" and hasattr(unet, "set_attn_processor") and hasattr(unet, "attn_processors"):
         report.attention = _set_attention(unet, options.attention)
     return report
@@ -145,6 +156,8 @@ def restore(*models: nn.Module | None) -> None:
             if isinstance(module, (FrozenConv2d, FrozenLinear)):
                 module.__class__ = nn.Conv2d if isinstance(module, FrozenConv2d) else nn.Linear
                 module.__dict__.pop("_sdlora_cache", None)
+            if "_sdlora_cast_input" in module.__dict__:
+                module.cast_input_dtype_enabled = module.__dict__.pop("_sdlora_cast_input")
         previous = getattr(model, "_sdlora_attn_processors", None)
         if previous is not None:
             model.set_attn_processor(dict(previous))  # diffusers pops from the dict it is given
@@ -408,6 +421,34 @@ class _OneDnnLinear(torch.autograd.Function):
             g2 = g2.contiguous()
         gx = torch.ops.mkldnn._linear_pointwise(g2, w.t(), None, "none", [], "")
         return gx.view(*grad.shape[:-1], gx.shape[-1]), None
+
+
+# Adapter inputs ------------------------------------------------------------------------------------
+
+
+def _skip_lora_input_cast(model: nn.Module) -> int:
+    """Switch off PEFT's cast of the adapter input to the adapter dtype where it cannot change a value.
+
+    On fp32 weights the cast only matters under bf16 autocast, where it turns the bf16 input into
+    an fp32 copy that autocast casts back to the same bf16 values for the adapter's matmul. With
+    dropout (its mask and scale would be computed in bf16) or a method-specific forward
+    (variants) the cast stays.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or not hasattr(module, "cast_input_dtype_enabled"):
+            continue
+        plain = not getattr(module, "lora_variant", None) and all(
+            isinstance(d, nn.Identity) for d in module.lora_dropout.values())
+        weights = [module.get_base_layer().weight, *(a.weight for a in module.lora_A.values())]
+        if plain and all(w.dtype == torch.float32 for w in weights):
+            if "_sdlora_cast_input" not in module.__dict__:
+                module._sdlora_cast_input = module.cast_input_dtype_enabled
+            module.cast_input_dtype_enabled = False
+            count += 1
+    return count
 
 
 # Attention -----------------------------------------------------------------------------------------
