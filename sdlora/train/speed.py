@@ -442,7 +442,8 @@ def _skip_lora_input_cast(model: nn.Module) -> int:
             continue
         plain = not getattr(module, "lora_variant", None) and all(
             isinstance(d, nn.Identity) for d in module.lora_dropout.values())
-        weights = [module.get_base_layer().weight, *(a.weight for a in module.lora_A.values())]
+        # AdaLoRA keeps bare parameters in lora_A, plain LoRA keeps Linear/Conv modules.
+        weights = [module.get_base_layer().weight, *(getattr(a, "weight", a) for a in module.lora_A.values())]
         if plain and all(w.dtype == torch.float32 for w in weights):
             if "_sdlora_cast_input" not in module.__dict__:
                 module._sdlora_cast_input = module.cast_input_dtype_enabled
