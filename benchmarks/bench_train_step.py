@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rss-modes", default="auto",
                    help="speed-setting modes of the peak-RSS runs, comma-separated: auto (what training uses: 'low' with "
                         "gradient checkpointing), speed, low, plain (no speed settings); default auto")
+    p.add_argument("--ablation", action="store_true",
+                   help="also time each speed setting alone (first preset, each precision; blocks of --steps steps)")
     p.add_argument("--gc-timings", type=int, default=0, metavar="SIZE",
                    help="also time the step with gradient checkpointing at SIZE px (attn-mlp, the auto precision): "
                         "plain and both memory modes of the speed settings, in this process")
@@ -244,6 +246,37 @@ def matmul_peaks() -> dict[str, float]:
 
 def _median(values):
     return statistics.median(values) if values else float("nan")
+
+
+ABLATION = {
+    "frozen Conv2d packs only": dict(frozen_linears=False, skip_lora_input_cast=False, attention="unchanged"),
+    "frozen Linear via oneDNN only": dict(frozen_convs=False, skip_lora_input_cast=False, attention="unchanged"),
+    "no adapter input copy only": dict(frozen_convs=False, frozen_linears=False, attention="unchanged"),
+    "attention by size only": dict(frozen_convs=False, frozen_linears=False, skip_lora_input_cast=False),
+    "all (prepare_for_training)": {},
+}
+
+
+def bench_ablation(models: Models, preset: str, precision: str, args) -> dict:
+    """Each speed setting alone against the plain step: blocks of ``--steps`` steps after a warm-up,
+    in two rounds (plain first and last) so that drifting load shows."""
+    from sdlora.train.speed import SpeedOptions, prepare_for_training, restore
+
+    trainer = Trainer(models, train_config(preset, args.rank, PRECISION_NAMES[precision]), args.size, speed=False)
+    times: dict[str, list] = {"plain": [], **{k: [] for k in ABLATION}}
+    try:
+        trainer.step()
+        for _ in range(2):
+            times["plain"] += [timed(trainer.step) for _ in range(args.steps)]
+            for label, opts in ABLATION.items():
+                prepare_for_training(models.unet, None, "cpu", SpeedOptions(**opts))
+                trainer.step()
+                times[label] += [timed(trainer.step) for _ in range(args.steps)]
+                restore(models.unet)
+        times["plain"] += [timed(trainer.step) for _ in range(args.steps)]
+    finally:
+        trainer.remove()
+    return {"preset": preset, "precision": precision, **times}
 
 
 def bench_checkpointing(models: Models, size: int, precision: str, args) -> dict:
@@ -446,6 +479,23 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name}: {secs:.1f} s/step; sdlora {r['precision']} {preset} here {r['sdlora_median_s']:.2f} s "
                       f"= {r['sdlora_median_s'] / secs:.2f}x")
 
+    ablation = []
+    if args.ablation and presets:
+        models = Models()
+        print(f"\neach setting alone ({presets[0]}; median s/step over two rounds of {args.steps} steps; "
+              f"cpu s: process CPU seconds per step):")
+        for precision in precisions:
+            a = bench_ablation(models, presets[0], precision, args)
+            ablation.append(a)
+            plain_s = _median([x["wall"] for x in a["plain"]])
+            plain_cpu = _median([x["cpu"] for x in a["plain"]])
+            for label in ("plain", *ABLATION):
+                wall, cpu = _median([x["wall"] for x in a[label]]), _median([x["cpu"] for x in a[label]])
+                others = _median([x["others"] for x in a[label] if x["others"] is not None])
+                print(f"  {precision} {label:30s}: {wall:6.2f} s ({plain_s / wall:.2f}x), cpu {cpu:6.2f} s "
+                      f"({plain_cpu / cpu:.2f}x), others {others:.1f} cores", flush=True)
+        del models
+
     checkpointing = None
     if args.gc_timings:
         models = Models()
@@ -507,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "bf16_speedup": bf16_speedup, "load_start": load_start, "load_end": load_end,
                 "peaks": peaks, "results": results, "rss": rss, "thread_settings": threads,
-                "checkpointing": checkpointing}
+                "checkpointing": checkpointing, "ablation": ablation}
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, args.json)
