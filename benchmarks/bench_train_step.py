@@ -32,9 +32,10 @@ Usage::
     python benchmarks/bench_train_step.py --threads-compare --skip-rss --presets attn-mlp
 
 OpenMP reads its settings when torch is imported, so they are set here before that:
-``OMP_WAIT_POLICY=PASSIVE`` unless ``--omp-wait-policy`` says otherwise or the environment
-already sets it (see docs/performance.md: on a shared machine spinning OpenMP threads make a step
-several times slower).
+``GOMP_SPINCOUNT=1000`` (threads spin briefly, then sleep) unless ``--omp`` says otherwise or the
+environment already sets ``OMP_WAIT_POLICY``/``GOMP_SPINCOUNT``. See docs/performance.md: on a
+machine shared with other processes, OpenMP's default long spinning makes a step 2-3x slower,
+while sleeping at once (``PASSIVE``) costs 30 % on an idle machine.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="image size in pixels for the timings (default 256)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank and alpha, conv rank and alpha for 'full' (default 16)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--omp-wait-policy", choices=("passive", "active", "default"), default="passive",
-                   help="OpenMP wait policy of this process (default passive; 'default' leaves OpenMP's own)")
+    p.add_argument("--omp", choices=tuple(OMP_SETTINGS), default="short-spin",
+                   help="OpenMP waiting of this process: short-spin (GOMP_SPINCOUNT=1000, default), passive "
+                        "(OMP_WAIT_POLICY=PASSIVE), active (OMP_WAIT_POLICY=ACTIVE) or default (OpenMP's own); "
+                        "ignored where the environment already sets OMP_WAIT_POLICY or GOMP_SPINCOUNT")
     p.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--rss-sizes", default="256,512", help="sizes for the peak-RSS runs (default 256,512)")
     p.add_argument("--rss-precisions", default="",
@@ -93,9 +96,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _set_openmp_env(policy: str) -> None:
-    if policy != "default" and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = policy.upper()
+#: OpenMP environment of each ``--omp`` choice (read by the OpenMP runtime when torch is imported).
+OMP_SETTINGS = {
+    "short-spin": {"GOMP_SPINCOUNT": "1000"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "active": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "default": {},
+}
+
+
+def _omp_env_text() -> str:
+    keys = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+    return ", ".join(f"{k}={os.environ[k]}" for k in keys if k in os.environ) or "OpenMP defaults"
+
+
+def _set_openmp_env(choice: str) -> None:
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ.update(OMP_SETTINGS[choice])
 
 
 # Everything below imports torch lazily, after the OpenMP environment is set -------------------------
@@ -369,8 +387,7 @@ def child_threads(spec: dict) -> dict:
                       spec["size"], speed=True)
     trainer.step()
     steps = [timed(trainer.step) for _ in range(spec["steps"])]
-    return {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-            "steps": steps}
+    return {"threads": torch.get_num_threads(), "openmp": _omp_env_text(), "steps": steps}
 
 
 def run_child(spec: dict, env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
@@ -395,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         result = child_rss(spec) if spec["kind"] == "rss" else child_threads(spec)
         print(json.dumps(result))
         return 0
-    _set_openmp_env(args.omp_wait_policy)
+    _set_openmp_env(args.omp)
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -419,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sdlora training-step benchmark: SD 1.5 UNet (random weights), {args.size} px, batch 1, rank {args.rank}, "
           f"UNet-only LoRA, cached latents and text embeddings")
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+          f"{torch.get_num_threads()} threads, {_omp_env_text()}, "
           f"{os.cpu_count()} CPUs; bf16/fp32 speed {bf16_speedup:.1f}x; mixed_precision=auto trains in "
           f"{auto_precision} here; load average {load_start[0]:.1f} / {load_start[1]:.1f} / {load_start[2]:.1f}")
 
@@ -532,9 +549,12 @@ def main(argv: list[str] | None = None) -> int:
         precision = precisions[-1]
         print(f"\nthread settings (subprocesses, {presets[0]} {precision}, sdlora step, median of 3 steps):")
         n = os.cpu_count() or 1
-        variants = [("OpenMP default (spinning waits)", {}, 0), ("OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, 0),
-                    ("OMP_WAIT_POLICY=ACTIVE", {"OMP_WAIT_POLICY": "ACTIVE"}, 0), ("1 thread", {"OMP_NUM_THREADS": "1"}, 1)]
-        base_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        variants = [("OpenMP default (spinning waits)", {}, 0),
+                    ("GOMP_SPINCOUNT=1000 (short spin)", {"GOMP_SPINCOUNT": "1000"}, 0),
+                    ("OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, 0),
+                    ("OMP_WAIT_POLICY=ACTIVE", {"OMP_WAIT_POLICY": "ACTIVE"}, 0),
+                    ("1 thread", {"OMP_NUM_THREADS": "1"}, 1)]
+        base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
         for label, env, nthreads in variants:
             if nthreads == 1 and n == 1:
                 continue
@@ -554,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         data = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "threads": torch.get_num_threads(), "openmp": _omp_env_text(),
                 "bf16_speedup": bf16_speedup, "load_start": load_start, "load_end": load_end,
                 "peaks": peaks, "results": results, "rss": rss, "thread_settings": threads,
                 "checkpointing": checkpointing, "ablation": ablation}
