@@ -190,18 +190,28 @@ def test_attention_by_size_matches_sdpa():
             assert _rel(out.float(), ref.float()) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-def test_suspended_and_restore_swap_attention_processors(tiny_pipe):
+def test_suspended_and_restore_give_back_the_plain_model(tiny_pipe):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    unet = tiny_pipe.unet
+    from sdlora.lora import LoraSpec, inject_adapters
+
+    unet = tiny_pipe.unet.requires_grad_(False)
+    inject_adapters(unet, None, LoraSpec(preset="attn", rank=4))
+
+    def casts():
+        return {m.cast_input_dtype_enabled for m in unet.modules() if hasattr(m, "cast_input_dtype_enabled")}
+
+    def processors():
+        return {type(p) for p in unet.attn_processors.values()}
+
     report = prepare_for_training(unet, None, "cpu")
-    assert report.attention.startswith("by size")
-    assert all(isinstance(p, speed.SizeDispatchAttnProcessor) for p in unet.attn_processors.values())
+    assert report.attention.startswith("by size") and report.lora_layers_without_input_cast > 0
+    assert processors() == {speed.SizeDispatchAttnProcessor} and casts() == {False}
     with speed.suspended(unet):
-        assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
-    assert all(isinstance(p, speed.SizeDispatchAttnProcessor) for p in unet.attn_processors.values())
+        assert processors() == {AttnProcessor2_0} and casts() == {True}
+    assert processors() == {speed.SizeDispatchAttnProcessor} and casts() == {False}
     restore(unet)
-    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+    assert processors() == {AttnProcessor2_0} and casts() == {True} and not frozen_layers([unet])
 
 
 def test_cuda_device_is_left_alone():

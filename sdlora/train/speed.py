@@ -169,15 +169,23 @@ _SUSPENDED = 0
 
 @contextlib.contextmanager
 def suspended(*models: nn.Module | None) -> Iterator[None]:
-    """Run the plain layers and the attention processors from before :func:`prepare_for_training`
-    inside the block, keeping the caches for afterwards (A/B timings and checks in one process)."""
+    """Run the plain layers, PEFT's input casts and the attention processors from before
+    :func:`prepare_for_training` inside the block (for ``models``; the plain layers everywhere),
+    keeping the caches for afterwards (A/B timings and checks in one process)."""
     global _SUSPENDED
     swapped = []
+    casts = []
     for model in models:
-        previous = getattr(model, "_sdlora_attn_processors", None) if model is not None else None
+        if model is None:
+            continue
+        previous = getattr(model, "_sdlora_attn_processors", None)
         if previous is not None:
             swapped.append((model, dict(model.attn_processors)))
             model.set_attn_processor(dict(previous))
+        for module in model.modules():
+            if "_sdlora_cast_input" in module.__dict__:
+                casts.append((module, module.cast_input_dtype_enabled))
+                module.cast_input_dtype_enabled = module._sdlora_cast_input
     _SUSPENDED += 1
     try:
         yield
@@ -185,6 +193,8 @@ def suspended(*models: nn.Module | None) -> Iterator[None]:
         _SUSPENDED -= 1
         for model, processors in swapped:
             model.set_attn_processor(processors)
+        for module, enabled in casts:
+            module.cast_input_dtype_enabled = enabled
 
 
 # Frozen-weight layers ------------------------------------------------------------------------------
