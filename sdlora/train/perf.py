@@ -3,6 +3,11 @@
 ``resolve_precision('auto')`` measures instead of assuming: on a CPU it times a bf16 convolution
 and matmul against fp32 and only picks bf16 where it is clearly faster (on AVX2-only CPUs a bf16
 convolution is hundreds of times slower than fp32).
+
+``matmul_peak_flops`` is the best of ``torch.mm`` and oneDNN's matmul (on AMD CPUs MKL's fp32
+``torch.mm`` runs at less than half of oneDNN), and ``count_flops`` also counts PyTorch's CPU
+attention kernel and the oneDNN ops of :mod:`sdlora.train.speed`, which PyTorch's counter does not
+know. Measurements use their own random generator, never the global one the training draws from.
 """
 
 from __future__ import annotations
