@@ -161,7 +161,8 @@ class Models:
 
 
 class Trainer:
-    """One training step exactly as ``sdlora.train.loop`` runs it, on the given models."""
+    """One training step as ``sdlora.train.loop`` runs it (micro-step, gradient clipping, optimizer
+    step; the constant LR schedule and the batch fetch from the cache are left out)."""
 
     def __init__(self, models: Models, cfg, size: int, *, speed: bool, memory: str = "auto"):
         import torch
