@@ -11,7 +11,7 @@ from sdlora.lora import LoraSpec, inject_adapters, inspect_file
 from sdlora.lora.errors import LoraError
 from sdlora.lora.variants.adalora import Schedule, budget_at, orthogonality_grads, schedule
 from sdlora.models.tiny import build_tiny_pipeline
-from test_variants_b_support import assert_same_file, diffusers_image, native_preview, resume_from, train_method
+from test_variants_b_support import assert_same_file, assert_step_export_is_the_final_file, diffusers_image, native_preview, resume_from, train_method
 
 # 6 steps: warm-up step 0, budget shrinks over steps 1-3, final allocation at step 4 (tfinal = 2 steps)
 ARGS = "network_args={target_rank = 2, tinit = 0.0, tfinal = 0.34, delta_t = 1}"
@@ -80,6 +80,7 @@ def test_settings_are_checked():
 def test_trains_to_the_budget_resumes_exactly_and_loads_in_diffusers(run, tiny_model_dir, tmp_path):
     tmp, result = run
     assert_same_file(result.lora_path, resume_from(result.run_dir, 3, tmp_path / "resumed"))
+    assert_step_export_is_the_final_file(result)
 
     ours, previewer, adapter = native_preview(result.run_dir)
     n_layers = sum(1 for _ in adapter.layers())

@@ -3,7 +3,9 @@ optimizer state), exact resume, SVD export with a reported error, exact merged c
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from sdlora.lora.variants.delta_lora import base_change, export_delta, save_merg
 from sdlora.models.loading import load_base
 from sdlora.models.tiny import build_tiny_pipeline
 from test_variants_b_support import (
-    PREVIEW, PROMPT, assert_same_file, diffusers_image, native_preview, resume_from, train_method,
+    PREVIEW, PROMPT, assert_same_file, assert_step_export_is_the_final_file, diffusers_image, native_preview, resume_from, train_method,
 )
 
 
@@ -93,6 +95,7 @@ def test_options_are_checked():
 def test_trains_resumes_exports_with_reported_error_and_merges_exactly(run, tiny_model_dir, tmp_path):
     tmp, result = run
     assert_same_file(result.lora_path, resume_from(result.run_dir, 2, tmp_path / "resumed"))
+    assert_step_export_is_the_final_file(result)
 
     info = inspect_file(result.lora_path)
     meta = info["metadata"]
@@ -100,6 +103,10 @@ def test_trains_resumes_exports_with_reported_error_and_merges_exactly(run, tiny
     assert info["network_args"]["delta_factor"] == "0.8" and meta["sdlora_delta_base_moved"] == "True"
     reported = float(meta["sdlora_delta_svd_rel_error"])
     assert 0 < reported < 0.5
+    # the same error is told in the run's events (what the page and train.log show)
+    events = [json.loads(line) for line in (Path(result.run_dir) / "events.jsonl").read_text().splitlines()]
+    told = [e["text"] for e in events if e["type"] == "message" and "delta_svd_rel_error" in e["text"]]
+    assert told and meta["sdlora_delta_svd_rel_error"] in told[-1]
 
     ours, previewer, adapter = native_preview(result.run_dir)
     # the reported error is the file's true error against the exact total change, layer by layer

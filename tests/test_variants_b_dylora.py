@@ -13,7 +13,7 @@ from sdlora.lora.errors import LoraError
 from sdlora.lora.variants.dylora import rank_for_step, set_active_rank, truncate_rank
 from sdlora.models.tiny import build_tiny_pipeline
 from test_variants_b_support import (
-    PREVIEW, PROMPT, assert_same_file, diffusers_image, native_preview, resume_from, train_method,
+    PREVIEW, PROMPT, assert_same_file, assert_step_export_is_the_final_file, diffusers_image, native_preview, resume_from, train_method,
 )
 
 
@@ -97,6 +97,7 @@ def test_trains_resumes_exactly_and_exports_any_rank(run, tiny_model_dir, tmp_pa
     tmp, result = run
     # exact resume from the mid-run checkpoint
     assert_same_file(result.lora_path, resume_from(result.run_dir, 2, tmp_path / "resumed"))
+    assert_step_export_is_the_final_file(result)
 
     info = inspect_file(result.lora_path)
     assert info["method"] == "dylora" and info["network_type"] == "DyLoRA"

@@ -10,7 +10,7 @@ from sdlora.lora import LoraSpec, inject_adapters, inspect_file
 from sdlora.lora.errors import LoraError
 from sdlora.lora.variants.lora_drop import importance_plan, unique_trainable
 from sdlora.models.tiny import build_tiny_pipeline
-from test_variants_b_support import assert_same_file, diffusers_image, native_preview, resume_from, train_method
+from test_variants_b_support import assert_same_file, assert_step_export_is_the_final_file, diffusers_image, native_preview, resume_from, train_method
 
 
 @pytest.fixture(autouse=True)
@@ -104,6 +104,7 @@ def test_trains_resumes_exactly_and_loads_in_diffusers(run, tiny_model_dir, tmp_
     # warm-up 3 steps, measured on steps 1 and 2: resume in the middle of the measurement, and after the drop
     assert_same_file(result.lora_path, resume_from(result.run_dir, 2, tmp_path / "from2"))
     assert_same_file(result.lora_path, resume_from(result.run_dir, 4, tmp_path / "from4"))
+    assert_step_export_is_the_final_file(result)
 
     info = inspect_file(result.lora_path)
     summary = info["metadata"]["sdlora_lora_drop"]  # JSON, decoded by inspect

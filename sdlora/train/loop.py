@@ -305,6 +305,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
                               prediction_type=base.prediction_type, title=cfg.output_name,
                               dtype={"float": "fp32"}.get(cfg.save_precision, cfg.save_precision),
                               metadata=data_glue.training_metadata(cfg, data, step, t_start))
+        _report_export_error(lora_path, log)
         run.write_status("done", "finished", step=step, total_steps=cfg.max_train_steps)
     accelerator.wait_for_everyone()
     log.emit(Done(step=step, lora_path=str(lora_path or run.lora_path), seconds=time.time() - t_start,
@@ -409,3 +410,19 @@ def _make_optimizer(cfg: TrainConfig, param_groups: list[dict], device) -> torch
 
         return Prodigy(param_groups, weight_decay=cfg.weight_decay, **kwargs)
     raise ConfigError("optimizer_type", f"unknown optimizer {cfg.optimizer_type!r}")
+
+
+def _report_export_error(lora_path: Path, log) -> None:
+    """Say in the event log how closely an approximating export (Delta-LoRA's SVD) matches the training.
+
+    Methods whose file is an approximation write ``sdlora_*_error`` entries into its metadata; they
+    go to the events too, so the page and train.log show them, not only ``sdlora inspect``.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(lora_path), framework="pt") as f:
+        meta = f.metadata() or {}
+    errors = {k: v for k, v in sorted(meta.items()) if k.startswith("sdlora_") and k.endswith("_error")}
+    if errors:
+        log.emit(Message("the exported file approximates the trained adapter: "
+                         + ", ".join(f"{k.removeprefix('sdlora_')} {v}" for k, v in errors.items())))

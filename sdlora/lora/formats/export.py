@@ -154,7 +154,17 @@ def export_from(
         from .io import read_safetensors
 
         state, _ = read_safetensors(checkpoint)
-        weights = weights_from_checkpoint(state, lora_spec(run.load_config()))
+        spec = lora_spec(run.load_config())
+        if spec.method in PLAIN_CHECKPOINT_METHODS:
+            weights = weights_from_checkpoint(state, spec)
+        else:
+            # DoRA, VeRA, AdaLoRA, DyLoRA, LoRA-drop, Delta-LoRA: the checkpoint is restored into the
+            # run's base model the way a resume restores it, and the method's own export writes the
+            # file, exactly as at the end of training.
+            from ..variants.delta_lora import load_run_adapter
+
+            _, adapter = load_run_adapter(run.path, step=int(step))
+            weights = adapter.export()
         title = run.name
         final = run.lora_path
         if final.is_file():
