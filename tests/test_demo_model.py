@@ -97,9 +97,6 @@ def test_samples_follow_held_out_prompts_in_colour_and_background(heldout_report
     assert heldout_report["background_accuracy"] >= 0.8, heldout_report
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model is undertrained: it draws blobs of the right "
-                   "colour, not yet the shapes (see sample_data/demo-model/README.md); remove this mark "
-                   "once a longer training run passes")
 def test_samples_follow_held_out_prompts_in_shape(heldout_report):
     assert heldout_report["shape_accuracy"] >= 0.7, heldout_report
 
