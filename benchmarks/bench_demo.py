@@ -2,7 +2,7 @@
 
 Prints the wall time of `train(configs/demo_style.toml)` (goal: <= 5 min on a 2-core CPU), seconds
 per preview image (20 steps, 64 px), and the style metric reached at scales 0 / 0.5 / 1 with the
-content accuracy kept. Run:  python benchmarks/bench_demo.py [--style stripes|outline|pastel] [--threads N]
+content accuracy kept. Run:  python benchmarks/bench_demo.py [--style outline|pastel|stripes] [--threads N]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ TRIGGERS = {"stripes": "stripey", "outline": "outlined", "pastel": "pastelish"}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--style", default="pastel", choices=sorted(TRIGGERS))
+    ap.add_argument("--style", default="outline", choices=sorted(TRIGGERS))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--steps", type=int, default=None, help="override max_train_steps")
     ap.add_argument("--grid", type=Path, default=None, help="save the scale grid PNG here")
@@ -62,7 +62,7 @@ def main() -> None:
         print(f"preview: {per_image:.2f} s per 20-step image with the LoRA, {per_image_base:.2f} s at scale 0 "
               f"(ratio {per_image / per_image_base:.2f})")
 
-        rep = evaluate_style(prev, a.style, cfg.trigger_word, scales=(0.0, 0.5, 1.0), n=8)
+        rep = evaluate_style(prev, a.style, cfg.trigger_word, scales=(0.0, 0.5, 1.0), n=12)
         for s, st, c, sh in zip(rep.scales, rep.style_scores, rep.color_accuracy, rep.shape_accuracy):
             print(f"scale {s:>4}: style metric {st:.3f}   colour accuracy {c:.2f}   shape accuracy {sh:.2f}")
         if a.grid:

@@ -18,7 +18,7 @@ into the generated block of ``docs/variants.md``.
 
 Run:  python benchmarks/bench_variants.py                      # demo model (sample_data/demo-model)
       python benchmarks/bench_variants.py --base tiny --steps 20  # tiny random model: a quick dry run
-Options: --style pastel|stripes|outline  --steps N  --methods lora,dylora,...  --threads N
+Options: --style outline|pastel|stripes  --steps N  --methods lora,dylora,...  --threads N
          --n-eval N (prompts per scale)  --out docs/variants.md  --grid docs/variants-grid.png  --no-write
 """
 
@@ -305,7 +305,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="demo", help="demo (sample_data/demo-model), tiny, or a model path")
     ap.add_argument("--base-label", default="", help="name to show for --base in the report (e.g. for a copy)")
-    ap.add_argument("--style", default="pastel", choices=sorted(TRIGGERS))
+    ap.add_argument("--style", default="outline", choices=sorted(TRIGGERS))
     ap.add_argument("--steps", type=int, default=None, help="max_train_steps for every method (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="", help="comma-separated rows (registry names and lora+); default all")

@@ -154,12 +154,17 @@ def test_sigkill_leaves_only_complete_files_and_resumes(tmp_path, tiny_model_dir
     assert not rd.lora_path.exists()
     assert [p for p in run.iterdir() if p.suffix == ".safetensors"] == []
     assert rd.latest_checkpoint() is not None
+    # what a kill during a write leaves (whether this kill hit one is chance): temp names, cleaned on resume
+    (rd.checkpoints_dir / ".step-99.k1ll3d.tmp").mkdir()
+    (rd.checkpoints_dir / ".step-99.k1ll3d.tmp" / "adapter.safetensors").write_bytes(b"half")
+    (run / ".killed.safetensors.k1ll3d.tmp").write_bytes(b"half")
 
     res = train(resume=run)
     assert res.state == "done" and res.lora_path.is_file()
     assert rd.status()["state"] == "done"
     assert len(rd.checkpoints()) <= 2
     assert [p.name for p in rd.checkpoints_dir.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in run.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_nan_loss_stops_with_clear_message(tmp_path, tiny_model_dir):

@@ -112,6 +112,8 @@ def train(cfg: TrainConfig | None = None, callbacks: list[Callback] | None = Non
     log = EventLog(run.events_path, callbacks, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         run.write_status("running", "loading the base model", step=0, total_steps=cfg.max_train_steps)
+        for partial in run.remove_partial_files():
+            log.emit(Message(f"removed {partial.name}, left half-written by a stopped process"))
     if precision_warning:
         log.emit(Warning_(precision_warning))
     step = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,23 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         cps = self.checkpoints()
         return cps[-1] if cps else None
+
+    def remove_partial_files(self) -> list[Path]:
+        """Delete what a killed training process left half-written: the temporary ``.<name>.*.tmp``
+        files and folders that complete files are written under before their rename (run folder and
+        checkpoints folder). Returns what was removed. Only for a run no process is training."""
+        removed = []
+        for folder in (self.path, self.checkpoints_dir):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+                    removed.append(p)
+        return removed
 
     # ---- process control -------------------------------------------------------------------
     def is_running(self) -> bool:

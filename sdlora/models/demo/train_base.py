@@ -61,7 +61,7 @@ class BaseTrainConfig:
     vae_lr: float = 1e-3
     #: Weight of the KL term against the per-pixel *mean* reconstruction loss. Stable Diffusion's
     #: VAE used 1e-6 against a per-image *sum* over 3 x 256 x 256 values, i.e. about 5e-12 in these
-    #: terms; 1e-6 here kept the posterior std at a quarter of the latent spread, which blurred
+    #: terms; 1e-6 here kept the posterior std at a sixth of the latent spread, which blurred
     #: colours (the decoder cannot tell nearby colours apart through that noise).
     vae_kl_weight: float = 1e-10
     decoder_steps: int = 300
