@@ -70,7 +70,7 @@ def native_preview(run_dir: Path, **kwargs) -> tuple[np.ndarray, object, object]
     """The trained adapter in its own form (rebuilt from the run's last checkpoint) previewed by
     sdlora; returns (image, previewer, adapter)."""
     from sdlora.generate import Previewer
-    from sdlora.lora.variants.delta_lora import load_run_adapter
+    from sdlora.train.checkpoint import load_run_adapter
 
     base, adapter = load_run_adapter(run_dir)
     previewer = Previewer(base)

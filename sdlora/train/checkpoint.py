@@ -56,8 +56,9 @@ def save_checkpoint(path: Path, *, step: int, adapter, optimizer, lr_scheduler,
     return path
 
 
-def load_checkpoint(path: Path, *, adapter, optimizer, lr_scheduler) -> dict[str, Any]:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its state dict (step, extra)."""
+def restore_adapter(path: Path, adapter) -> dict[str, Any]:
+    """Put the adapter of checkpoint ``path`` (weights and the method's extra state) into ``adapter``,
+    an adapter injected with the run's settings; returns the checkpoint's state dict."""
     state = json.loads((path / "state.json").read_text())
     method_state = dict(state.get("method") or {})
     if (path / "method.safetensors").is_file():
@@ -65,6 +66,41 @@ def load_checkpoint(path: Path, *, adapter, optimizer, lr_scheduler) -> dict[str
     if method_state:
         adapter.method.load_extra_state(adapter, method_state)
     adapter.load_state_dict(load_file(str(path / "adapter.safetensors")))
+    return state
+
+
+def load_run_adapter(run_dir: str | Path, *, step: int | None = None, base: Any = None):
+    """(base model, adapter) of a run: its base model with the adapter of checkpoint ``step``
+    (default: the latest) in it, restored the way a resumed run restores it (any method), frozen.
+
+    ``base`` may be a loaded ``BaseModel`` to put the adapter into (default: load the run's base).
+    """
+    from ..lora.errors import LoraError
+    from ..lora.inject import inject_adapters
+    from ..models.loading import load_base
+    from .loop import lora_spec
+    from .runs import RunDir
+
+    run = RunDir(run_dir)
+    if not run.exists():
+        raise LoraError(f"{run_dir} is not a run directory (no config.toml).")
+    checkpoint = run.checkpoints_dir / f"step-{step}" if step is not None else run.latest_checkpoint()
+    if checkpoint is None or not (checkpoint / "adapter.safetensors").is_file():
+        which = f"checkpoint step-{step}" if step is not None else "checkpoint"
+        raise LoraError(f"{run_dir} has no {which} to load an adapter from.")
+    cfg = run.load_config()
+    if base is None:
+        base = load_base(cfg.pretrained_model_name_or_path)
+    adapter = inject_adapters(base.unet, base.text_encoder if cfg.train_text_encoder else None, lora_spec(cfg))
+    restore_adapter(checkpoint, adapter)
+    for p in adapter.parameters():
+        p.requires_grad_(False)
+    return base, adapter
+
+
+def load_checkpoint(path: Path, *, adapter, optimizer, lr_scheduler) -> dict[str, Any]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its state dict (step, extra)."""
+    state = restore_adapter(path, adapter)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     rng = load_file(str(path / "rng.safetensors"))

@@ -161,7 +161,7 @@ def export_from(
             # DoRA, VeRA, AdaLoRA, DyLoRA, LoRA-drop, Delta-LoRA: the checkpoint is restored into the
             # run's base model the way a resume restores it, and the method's own export writes the
             # file, exactly as at the end of training.
-            from ..variants.delta_lora import load_run_adapter
+            from ...train.checkpoint import load_run_adapter
 
             _, adapter = load_run_adapter(run.path, step=int(step))
             weights = adapter.export()

@@ -32,7 +32,6 @@ merged checkpoint (``sdlora.models.single_file.save_single_file(pipe, path)``; o
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -268,47 +267,13 @@ def save_merged_checkpoint(run_dir: str | os.PathLike[str], out: str | os.PathLi
     """
     from ...models.single_file import save_single_file
 
+    from ...train.checkpoint import load_run_adapter
+
     base, adapter = load_run_adapter(run_dir)
     if adapter.method.name != "delta_lora":
         raise LoraError(f"{run_dir} is a {adapter.method.name!r} run; a merged checkpoint here is for Delta-LoRA runs.")
     merge_into_base(adapter)
     return save_single_file(base.pipe, out, dtype=dtype, metadata={"sdlora_merged_from": Path(run_dir).name})
-
-
-def load_run_adapter(run_dir: str | os.PathLike[str], *, step: int | None = None, base: Any = None):
-    """(base model, adapter) of a run: its base model with the adapter of checkpoint ``step``
-    (default: the latest) in it, restored the way a resumed run restores it (any method).
-
-    ``base`` may be a loaded ``BaseModel`` to put the adapter into (default: load the run's base).
-    """
-    from safetensors.torch import load_file
-
-    from ...models.loading import load_base
-    from ...train.loop import lora_spec
-    from ...train.runs import RunDir
-    from ..inject import inject_adapters
-
-    run = RunDir(run_dir)
-    if not run.exists():
-        raise LoraError(f"{run_dir} is not a run directory (no config.toml).")
-    checkpoint = run.checkpoints_dir / f"step-{step}" if step is not None else run.latest_checkpoint()
-    if checkpoint is None or not (checkpoint / "adapter.safetensors").is_file():
-        which = f"checkpoint step-{step}" if step is not None else "checkpoint"
-        raise LoraError(f"{run_dir} has no {which} to load an adapter from.")
-    cfg = run.load_config()
-    if base is None:
-        base = load_base(cfg.pretrained_model_name_or_path)
-    adapter = inject_adapters(base.unet, base.text_encoder if cfg.train_text_encoder else None, lora_spec(cfg))
-    state = json.loads((checkpoint / "state.json").read_text())
-    method_state = dict(state.get("method") or {})
-    if (checkpoint / "method.safetensors").is_file():
-        method_state.update(load_file(str(checkpoint / "method.safetensors")))
-    if method_state:
-        adapter.method.load_extra_state(adapter, method_state)
-    adapter.load_state_dict(load_file(str(checkpoint / "adapter.safetensors")))
-    for p in adapter.parameters():
-        p.requires_grad_(False)
-    return base, adapter
 
 
 def _check_number(name: str, value: Any, *, low: float, strict: bool, high: float | None = None) -> None:
@@ -442,7 +407,6 @@ __all__ = [
     "DeltaLoraVariant",
     "base_change",
     "export_delta",
-    "load_run_adapter",
     "merge_into_base",
     "save_merged_checkpoint",
     "svd_factors",
