@@ -15,12 +15,12 @@ from torch import nn
 
 from sdlora.generate import Previewer, make_scheduler
 from sdlora.lora import inspect_file
-from sdlora.lora.formats import export_from
 from sdlora.train.data_glue import sample_prompts
 from sdlora.train.loop import train
 from test_formats_roundtrip import captured_messages, diffusers_load_checked, fresh_pipeline
 from test_train import make_images, tiny_cfg
 from test_variants_a_units import a1111_dora_weight
+from test_variants_b_support import assert_step_export_is_the_final_file
 
 COMMON = ("max_train_steps=3", "save_every_n_steps=0", "learning_rate=1e-2", "text_encoder_lr=5e-3", "sample_steps=3")
 #: the trainer's preview PNG against a CPU diffusers image: rounding only, unless training ran on a GPU
@@ -86,10 +86,7 @@ def test_trained_file_loads_in_fresh_diffusers_and_matches_the_preview(method, e
 
     # `sdlora export --step` of the last checkpoint writes the final file again: LoRA-FA checkpoints are
     # plain LoRA weights, VeRA ones are restored into the base model and exported by the method.
-    dtype = {torch.float16: "fp16", torch.float32: "fp32"}[next(iter(load_file(str(result.lora_path)).values())).dtype]
-    exported = export_from(result.run_dir, step=result.step, fmt="kohya", dtype=dtype)
-    final, again = load_file(str(result.lora_path)), load_file(str(exported))
-    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+    exported = assert_step_export_is_the_final_file(result)
     assert inspect_file(exported)["method"] == method and inspect_file(exported)["network_module"] == module
 
 

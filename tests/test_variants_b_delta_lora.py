@@ -3,9 +3,7 @@ optimizer state), exact resume, SVD export with a reported error, exact merged c
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from sdlora.lora.errors import LoraError
 from sdlora.lora.variants.delta_lora import base_change, export_delta, save_merged_checkpoint
 from sdlora.models.loading import load_base
 from sdlora.models.tiny import build_tiny_pipeline
+from sdlora.train.runs import RunDir
 from test_variants_b_support import (
     PREVIEW, PROMPT, assert_same_file, assert_step_export_is_the_final_file, diffusers_image, native_preview, resume_from, train_method,
 )
@@ -104,8 +103,7 @@ def test_trains_resumes_exports_with_reported_error_and_merges_exactly(run, tiny
     reported = float(meta["sdlora_delta_svd_rel_error"])
     assert 0 < reported < 0.5
     # the same error is told in the run's events (what the page and train.log show)
-    events = [json.loads(line) for line in (Path(result.run_dir) / "events.jsonl").read_text().splitlines()]
-    told = [e["text"] for e in events if e["type"] == "message" and "delta_svd_rel_error" in e["text"]]
+    told = [e["text"] for e in RunDir(result.run_dir).events({"message"}) if "delta_svd_rel_error" in e["text"]]
     assert told and meta["sdlora_delta_svd_rel_error"] in told[-1]
 
     ours, previewer, adapter = native_preview(result.run_dir)

@@ -56,14 +56,16 @@ def assert_same_file(a: Path, b: Path) -> None:
         assert torch.equal(ta[key], tb[key]), key
 
 
-def assert_step_export_is_the_final_file(result: TrainResult) -> None:
-    """`sdlora export --step <last step>` restores the checkpoint into the base model and writes the same
-    tensors as the file the run ended with."""
+def assert_step_export_is_the_final_file(result: TrainResult) -> Path:
+    """`sdlora export --step <last step>` writes the same tensors as the file the run ended with (plain
+    checkpoints are read as they are, the others restored into the base model); returns the export."""
     from sdlora.lora.formats.export import export_from
 
     final = load_file(str(result.lora_path))
     dtype = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}[next(iter(final.values())).dtype]
-    assert_same_file(result.lora_path, export_from(result.run_dir, step=result.step, dtype=dtype))
+    exported = export_from(result.run_dir, step=result.step, dtype=dtype)
+    assert_same_file(result.lora_path, exported)
+    return exported
 
 
 def native_preview(run_dir: Path, **kwargs) -> tuple[np.ndarray, object, object]:
