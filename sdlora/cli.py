@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import __version__
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
@@ -74,8 +76,7 @@ def _progress_renderer(enabled: bool) -> Callable[[Any], None]:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train.config import TrainConfig
-    from .train.loop import train
+    from .train import TrainConfig, train
 
     if a.resume and (a.config or a.set):
         raise UserError("--resume continues a run with its own config.toml; do not give a config or --set with it")
@@ -148,9 +149,16 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .lora.formats import export_from
+    from .train import RunDir, export_run
 
-    out = export_from(a.source, fmt=a.format, out=a.out, step=a.step, rank=a.rank, base=a.base)
+    if RunDir(a.source).exists():
+        out = export_run(a.source, fmt=a.format, out=a.out, step=a.step, rank=a.rank, dtype=a.dtype)
+    else:
+        if a.step is not None:
+            raise SystemExit(f"--step selects a checkpoint of a training run; {a.source} is not a run directory")
+        from .lora.formats import export_from
+
+        out = export_from(a.source, fmt=a.format, out=a.out, rank=a.rank, base=a.base, dtype=a.dtype)
     print(out)
     return 0
 
@@ -186,7 +194,7 @@ def cmd_variants(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sdlora", description="Train style LoRAs for Stable Diffusion; preview, inspect and export them.")
-    p.add_argument("--version", action="version", version=f"sdlora {__import__('sdlora').__version__}")
+    p.add_argument("--version", action="version", version=f"sdlora {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -225,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--step", type=int, default=None, help="export this checkpoint step of a run")
     e.add_argument("--rank", type=int, default=None, help="export at this rank (DyLoRA truncation or SVD)")
+    e.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="precision of the file (default: a run's save_precision; a file keeps its own)")
     e.add_argument("--base", default=None, help="base model that names the layers of a file made for a model that "
                    "is not SD 1.x/2.x-sized (a run directory uses its own)")
     e.set_defaults(func=cmd_export)
@@ -249,27 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_PASS_THROUGH = {"ui": "sdlora.ui.server", "demo-base": "sdlora.models.demo.train_base"}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _PASS_THROUGH:
+    pass_through = {"ui": cmd_ui, "demo-base": cmd_demo_base}
+    if argv and argv[0] in pass_through:
         # These commands own their options (and --help); hand them everything after the name.
-        import importlib
-
-        module = importlib.import_module(_PASS_THROUGH[argv[0]])
-        return int(module.main(argv[1:]) or 0)
+        return pass_through[argv[0]](argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
-    from .train.config import ConfigError
+    from .train import ConfigError, RunExportError, TrainingError
 
     errors: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError)
     from .data.errors import DatasetError
     from .lora.errors import LoraError
     from .models.loading import ModelLoadError
-    from .train.loop import TrainingError
 
-    errors += (LoraError, ModelLoadError, TrainingError, DatasetError)
+    errors += (LoraError, ModelLoadError, TrainingError, DatasetError, RunExportError)
     try:
         return args.func(args)
     except errors as e:

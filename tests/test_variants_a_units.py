@@ -16,7 +16,7 @@ from sdlora.lora import LoraError, LoraFileError, LoraSpec, control, inject_adap
 from sdlora.lora.formats.inspect import format_inspection
 from sdlora.models.tiny import build_tiny_pipeline
 from sdlora.train.config import TrainConfig
-from sdlora.train.loop import lora_spec
+from sdlora.train.config import lora_spec
 
 REPO = Path(__file__).resolve().parent.parent
 FULL = dict(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, text_encoder=True)

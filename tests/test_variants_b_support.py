@@ -57,14 +57,24 @@ def assert_same_file(a: Path, b: Path) -> None:
 
 
 def assert_step_export_is_the_final_file(result: TrainResult) -> Path:
-    """`sdlora export --step <last step>` writes the same tensors as the file the run ended with (plain
-    checkpoints are read as they are, the others restored into the base model); returns the export."""
-    from sdlora.lora.formats.export import export_from
+    """`sdlora export RUN --step <last step>` and `sdlora export RUN` write the same tensors and the same
+    metadata (but the date) as the file the run ended with, in the run's save precision; returns the
+    step export."""
+    from safetensors import safe_open
 
-    final = load_file(str(result.lora_path))
-    dtype = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}[next(iter(final.values())).dtype]
-    exported = export_from(result.run_dir, step=result.step, dtype=dtype)
-    assert_same_file(result.lora_path, exported)
+    from sdlora.train import export_run
+
+    def metadata(path: Path) -> dict:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        meta.pop("modelspec.date", None)
+        return meta
+
+    exported = export_run(result.run_dir, step=result.step)
+    whole = export_run(result.run_dir, out=result.run_dir / "exports" / "whole.safetensors")
+    for path in (exported, whole):
+        assert_same_file(result.lora_path, path)
+        assert metadata(path) == metadata(result.lora_path)
     return exported
 
 

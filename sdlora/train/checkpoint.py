@@ -78,7 +78,7 @@ def load_run_adapter(run_dir: str | Path, *, step: int | None = None, base: Any 
     from ..lora.errors import LoraError
     from ..lora.inject import inject_adapters
     from ..models.loading import load_base
-    from .loop import lora_spec
+    from .config import lora_spec
     from .runs import RunDir
 
     run = RunDir(run_dir)

@@ -294,3 +294,18 @@ def _check_type(key: str, value: Any, typ: Any) -> None:
     ok = isinstance(value, typ) and not (typ in (int, float) and isinstance(value, bool))
     if not ok:
         raise ConfigError(key, f"{value!r} has the wrong type; expected {typ.__name__}")
+
+
+def lora_spec(cfg: TrainConfig):
+    """The adapter settings of a run, from the config's kohya-named options."""
+    from ..lora import LoraSpec
+
+    options = dict(cfg.network_args)
+    if cfg.loraplus_lr_ratio:
+        options["loraplus_lr_ratio"] = cfg.loraplus_lr_ratio
+    return LoraSpec(method=cfg.network_type, preset=cfg.network_preset, rank=cfg.network_dim, alpha=cfg.network_alpha,
+                    conv_rank=cfg.conv_dim if cfg.network_preset == "full" else None,
+                    conv_alpha=cfg.conv_alpha if cfg.network_preset == "full" else None,
+                    text_encoder=cfg.train_text_encoder, text_encoder_rank=cfg.text_encoder_dim or None,
+                    text_encoder_alpha=cfg.text_encoder_alpha or None, dropout=cfg.network_dropout,
+                    rslora=cfg.use_rslora, options=options)

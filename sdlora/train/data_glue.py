@@ -345,7 +345,8 @@ def training_metadata(cfg: TrainConfig, data: TrainData, step: int, t_start: flo
         "ss_noise_offset": str(cfg.noise_offset or None),
         "ss_seed": str(cfg.seed),
         "ss_sd_model_name": Path(cfg.pretrained_model_name_or_path).name,
-        "ss_tag_frequency": json.dumps(tag_frequency(data.scan.items, caption_config(cfg))),
+        # kohya counts the tags of the caption files (not the templated training captions).
+        "ss_tag_frequency": json.dumps(tag_frequency(data.scan.items)),
         "ss_dataset_dirs": json.dumps({g: {"n_repeats": n["repeats"], "img_count": n["images"]}
                                        for g, n in data.scan.groups().items()}),
         "ss_training_started_at": str(t_start),
@@ -358,4 +359,5 @@ def training_metadata(cfg: TrainConfig, data: TrainData, step: int, t_start: flo
         "ss_enable_bucket": str(cfg.enable_bucket),
         "ss_prior_loss_weight": str(cfg.prior_loss_weight),
         "sdlora_trigger_word": cfg.trigger_word,
+        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
     }

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, lora_spec
+from .export import save_dtype, save_facts, write_run_lora
 from .events import Callback, Checkpoint, Done, EventLog, Failed, Message, Start, Step, Stopped, Warning_
 from .perf import count_flops, matmul_peak_flops, resolve_precision
 from .speed import prepare_for_training
@@ -156,7 +157,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
            resumed: bool) -> TrainResult:
     from diffusers.optimization import get_scheduler
 
-    from ..lora import inject_adapters, save_lora
+    from ..lora import inject_adapters
     from ..models.loading import load_base
     from . import data_glue
 
@@ -303,10 +304,9 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     lora_path = None
     if accelerator.is_main_process:
         data_glue.make_samples(cfg, base, run, step, log)
-        lora_path = save_lora(adapter, run.lora_path, format="kohya", family=base.family,
-                              prediction_type=base.prediction_type, title=cfg.output_name,
-                              dtype={"float": "fp32"}.get(cfg.save_precision, cfg.save_precision),
-                              metadata=data_glue.training_metadata(cfg, data, step, t_start))
+        facts = save_facts(run, family=base.family, prediction_type=base.prediction_type, title=cfg.output_name,
+                           dtype=save_dtype(cfg), metadata=data_glue.training_metadata(cfg, data, step, t_start))
+        lora_path = write_run_lora(run, adapter, run.lora_path, facts=facts, step=step)
         _report_export_error(lora_path, log)
         run.write_status("done", "finished", step=step, total_steps=cfg.max_train_steps)
     accelerator.wait_for_everyone()
@@ -314,21 +314,6 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
                   processes=accelerator.num_processes, adapter_digests=digests))
     accelerator.end_training()
     return TrainResult(run.path, "done", step, lora_path, run.latest_checkpoint())
-
-
-def lora_spec(cfg: TrainConfig):
-    """The adapter settings of a run, from the config's kohya-named options."""
-    from ..lora import LoraSpec
-
-    options = dict(cfg.network_args)
-    if cfg.loraplus_lr_ratio:
-        options["loraplus_lr_ratio"] = cfg.loraplus_lr_ratio
-    return LoraSpec(method=cfg.network_type, preset=cfg.network_preset, rank=cfg.network_dim, alpha=cfg.network_alpha,
-                    conv_rank=cfg.conv_dim if cfg.network_preset == "full" else None,
-                    conv_alpha=cfg.conv_alpha if cfg.network_preset == "full" else None,
-                    text_encoder=cfg.train_text_encoder, text_encoder_rank=cfg.text_encoder_dim or None,
-                    text_encoder_alpha=cfg.text_encoder_alpha or None, dropout=cfg.network_dropout,
-                    rslora=cfg.use_rslora, options=options)
 
 
 def _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelerator, log) -> Path | None:

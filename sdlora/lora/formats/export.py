@@ -9,7 +9,6 @@ about a second).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -21,31 +20,9 @@ from ..errors import LoraFileError
 from ..targets import Component
 from ..variants.dylora import is_dylora_metadata, truncate_rank
 from ..weights import LoraWeights, ModuleLora, resize_rank
+from ...models.shipped import meta_models
 from . import diffusers_format
 from .inspect import file_entries, guess_family
-
-_CONFIGS = Path(__file__).resolve().parents[2] / "models" / "configs"
-
-
-def meta_models(family: str, prediction_type: str = "epsilon"):
-    """(UNet, text encoder) of an SD family on the meta device, from the shipped configs."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    folder = {"sd1": "sd1", "sd2": "sd2_v" if prediction_type in ("v", "v_prediction") else "sd2"}.get(family)
-    if folder is None or not (_CONFIGS / folder / "unet" / "config.json").is_file():
-        raise LoraFileError(
-            f"Cannot resolve layer names for model family {family!r}: only SD 1.x and SD 2.x are supported."
-        )
-    unet_config = json.loads((_CONFIGS / folder / "unet" / "config.json").read_text())
-    text_config = json.loads((_CONFIGS / folder / "text_encoder" / "config.json").read_text())
-    unet_config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
-    text_config = {k: v for k, v in text_config.items() if not k.startswith("_") and k != "architectures"}
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(unet_config)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    return unet, text_encoder
 
 
 def _family_of(metadata: Mapping[str, str], entries: Mapping[str, Any]) -> tuple[str, str]:
@@ -64,7 +41,8 @@ def models_for(family: str, prediction_type: str, base: str | os.PathLike[str] |
                 f"The layer shapes fit no SD 1.x / 2.x model (family: {family}); give the base model the LoRA was "
                 "trained on (sdlora export --base MODEL)."
             )
-        return meta_models(family, prediction_type)
+        models = meta_models(family, prediction_type)
+        return models["unet"], models["text_encoder"]
     from ...models.loading import load_base
 
     loaded = load_base(str(base))
@@ -120,7 +98,6 @@ def export_from(
     *,
     fmt: str = "kohya",
     out: str | os.PathLike[str] | None = None,
-    step: int | None = None,
     rank: int | None = None,
     dtype: str | torch.dtype | None = None,
     metadata: Mapping[str, Any] | None = None,
@@ -128,89 +105,45 @@ def export_from(
 ) -> Path:
     """Write ``source`` as a ``fmt`` ("kohya" / "diffusers") LoRA file and return its path.
 
-    ``source`` is a LoRA file, or a run directory (``runs/<name>``): its final
-    ``<name>.safetensors``, or with ``step`` the adapter of ``checkpoints/step-<step>``.
+    ``source`` is a LoRA file (kohya or diffusers layout; a training run is exported by
+    :func:`sdlora.train.export_run`).
     ``rank`` re-ranks every layer above it by truncated SVD of its delta (a DyLoRA file: keeps its first
     ``rank`` components, which DyLoRA trained as the rank-``rank`` adapter). ``out`` defaults to
-    ``<source folder>/exports/<name>[-step<N>][-r<rank>][-diffusers].safetensors``. The kohya
+    ``<source folder>/exports/<name>[-r<rank>][-diffusers].safetensors``. The kohya
     ``ss_*`` metadata of the source file is carried over. ``base`` (a base-model spec) names the
-    layers of files whose shapes fit no SD 1.x / 2.x model; a run directory uses its own base.
+    layers of files whose shapes fit no SD 1.x / 2.x model.
     """
     from . import match_to_model, read_lora_file, save_lora
 
     src = Path(source).expanduser()
-    carried: dict[str, Any] = {}
-    family, pred = "sd1", "epsilon"
-    title = src.stem
-    if src.is_dir() and step is not None:
-        from ...train.loop import lora_spec  # the run's adapter settings, from its config
-        from ...train.runs import RunDir
-
-        run = RunDir(src)
-        checkpoint = run.checkpoints_dir / f"step-{int(step)}" / "adapter.safetensors"
-        if not checkpoint.is_file():
-            available = sorted(p.name for p in run.checkpoints_dir.glob("step-*")) if run.checkpoints_dir.is_dir() else []
-            raise LoraFileError(f"Run {src} has no checkpoint step-{step}; available: {available or 'none'}.")
-        from .io import read_safetensors
-
-        state, _ = read_safetensors(checkpoint)
-        spec = lora_spec(run.load_config())
-        if spec.method in PLAIN_CHECKPOINT_METHODS:
-            weights = weights_from_checkpoint(state, spec)
-        else:
-            # DoRA, VeRA, AdaLoRA, DyLoRA, LoRA-drop, Delta-LoRA: the checkpoint is restored into the
-            # run's base model the way a resume restores it, and the method's own export writes the
-            # file, exactly as at the end of training.
-            from ...train.checkpoint import load_run_adapter
-
-            _, adapter = load_run_adapter(run.path, step=int(step))
-            weights = adapter.export()
-        title = run.name
-        final = run.lora_path
-        if final.is_file():
-            final_file = read_lora_file(final)
-            carried = {k: v for k, v in final_file.metadata.items() if k.startswith("ss_") and not k.startswith("ss_network_")}
-            carried["ss_steps"] = str(step)
-            family, pred = _family_of(final_file.metadata, file_entries(final_file.tensors, final_file.format)[0])
-        else:
-            family, pred = guess_family(file_entries(state, "diffusers")[0], {})[0], "epsilon"
-        family = family if family in ("sd1", "sd2") else "sd1"
-    else:
-        if src.is_dir():
-            from ...train.runs import RunDir
-
-            run = RunDir(src)
-            if not run.lora_path.is_file():
-                raise LoraFileError(f"Run {src} has no final LoRA ({run.lora_path.name}); pick one of its checkpoints.")
-            src = run.lora_path
-            if base is None:
-                base = run.load_config().pretrained_model_name_or_path
-        file = read_lora_file(src)
-        family, pred = _family_of(file.metadata, file_entries(file.tensors, file.format)[0])
-        if family == "sdxl":
-            raise LoraFileError(f"{src} is a LoRA for {family}; only SD 1.x and SD 2.x files can be exported here.")
-        unet, text_encoder = models_for(family, pred, base)
-        if family not in ("sd1", "sd2"):
-            family = file.metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v2") and "sd2" or "sd1"
-        weights, unknown = match_to_model(file, unet, text_encoder)
-        if unknown:
-            raise LoraFileError(f"{src}: {len(unknown)} key(s) match no {family} layer (e.g. {unknown[0]}); not exporting a partial file.")
-        weights.method = file.metadata.get("sdlora_method", "lora")
-        if is_dylora_metadata(file.metadata):
-            weights.method = "dylora"  # nested ranks: a lower rank is a truncation, not an SVD
-        if file.metadata.get("sdlora_preset"):
-            weights.info["preset"] = file.metadata["sdlora_preset"]
-        carried = {k: v for k, v in file.metadata.items() if k.startswith("ss_") and not k.startswith("ss_network_")}
-        title = file.metadata.get("modelspec.title") or src.stem
-        if dtype is None:  # keep the source file's precision
-            dtypes = {t.dtype for t in file.tensors.values() if t.ndim > 0}
-            dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "fp32"
+    if src.is_dir() and (src / "config.toml").is_file():
+        raise LoraFileError(f"{src} is a training run; export runs with sdlora.train.export_run (sdlora export RUN).")
+    file = read_lora_file(src)
+    family, pred = _family_of(file.metadata, file_entries(file.tensors, file.format)[0])
+    if family == "sdxl":
+        raise LoraFileError(f"{src} is a LoRA for {family}; only SD 1.x and SD 2.x files can be exported here.")
+    unet, text_encoder = models_for(family, pred, base)
+    if family not in ("sd1", "sd2"):
+        family = file.metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v2") and "sd2" or "sd1"
+    weights, unknown = match_to_model(file, unet, text_encoder)
+    if unknown:
+        raise LoraFileError(f"{src}: {len(unknown)} key(s) match no {family} layer (e.g. {unknown[0]}); not exporting a partial file.")
+    weights.method = file.metadata.get("sdlora_method", "lora")
+    if is_dylora_metadata(file.metadata):
+        weights.method = "dylora"  # nested ranks: a lower rank is a truncation, not an SVD
+    if file.metadata.get("sdlora_preset"):
+        weights.info["preset"] = file.metadata["sdlora_preset"]
+    carried = {k: v for k, v in file.metadata.items() if k.startswith("ss_") and not k.startswith("ss_network_")}
+    title = file.metadata.get("modelspec.title") or src.stem
+    if dtype is None:  # keep the source file's precision
+        dtypes = {t.dtype for t in file.tensors.values() if t.ndim > 0}
+        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "fp32"
     if rank:
         weights = truncate_rank(weights, int(rank)) if weights.method == "dylora" else resize_rank(weights, int(rank))
     if out is None:
         folder = src if src.is_dir() else src.parent
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", src.name if src.is_dir() else src.stem).strip("._") or "lora"
-        suffix = (f"-step{step}" if step is not None else "") + (f"-r{rank}" if rank else "")
+        suffix = f"-r{rank}" if rank else ""
         suffix += "-diffusers" if fmt == "diffusers" else ""
         out = folder / "exports" / f"{stem}{suffix}.safetensors"
     carried.update(dict(metadata or {}))

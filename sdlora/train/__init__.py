@@ -1,0 +1,53 @@
+"""Training: the public API the CLI and the app use.
+
+Start or continue a run, read its directory (config, status, events, checkpoints, samples), stop it,
+and export its LoRA::
+
+    cfg = TrainConfig.from_toml("configs/demo_style.toml", overrides=["max_train_steps=100"])
+    run = prepare_run(cfg)            # validate, check the data, write runs/<name>/config.toml
+    start_run(run)                    # train in a child process (or: train(cfg) in this one)
+    run.status(); run.events({"step"}); stop_run(run)
+    export_run(run.path, step=50, fmt="diffusers")
+
+Everything else in this package is internal to training.
+"""
+
+from __future__ import annotations
+
+from .config import ConfigError, TrainConfig, lora_spec
+from .events import read_events
+from .export import RunExportError, export_run
+from .loop import TrainingError, TrainResult, prepare_run, train
+from .runs import STATES, RunDir, list_runs, pid_alive
+
+
+def start_run(run: RunDir | str) -> int:
+    """Train (or continue) ``run`` in a child process of its own; returns its pid."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    return run.start_process()
+
+
+def stop_run(run: RunDir | str, timeout: float = 0.0) -> bool:
+    """Ask a training process to save a checkpoint and stop; True if one was signalled."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    return run.stop(timeout)
+
+
+__all__ = [
+    "STATES",
+    "ConfigError",
+    "RunDir",
+    "RunExportError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "export_run",
+    "list_runs",
+    "lora_spec",
+    "pid_alive",
+    "prepare_run",
+    "read_events",
+    "start_run",
+    "stop_run",
+    "train",
+]

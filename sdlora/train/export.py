@@ -1,0 +1,145 @@
+"""Exporting a run's LoRA: one path for every route.
+
+The final file written at the end of training, ``sdlora export RUN`` and ``sdlora export RUN --step N``
+all go through :func:`write_run_lora`: the adapter of a checkpoint is restored into the run's base model
+the way a resume restores it (any method), the method's own export hook materialises plain
+``lora_down``/``lora_up``/``alpha`` (+ ``dora_scale``), and the run's training facts (kohya ``ss_*``
+entries, trigger word, resolution) are written beside the method's own metadata. So every route gives
+the same metadata as the run's own file, in the run's ``save_precision`` unless told otherwise.
+
+The training facts are kept in ``<run>/lora_facts.json`` (written with the final file); runs made
+before it existed take them from their final file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..paths import atomic_write_text
+from .config import TrainConfig
+from .runs import RunDir
+
+FACTS_FILE = "lora_facts.json"
+_SAVE_DTYPES = {"float": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+
+class RunExportError(ValueError):
+    """A run's LoRA cannot be exported as asked; the message says why and what to do."""
+
+
+def save_dtype(cfg: TrainConfig) -> str:
+    """The file precision a run asks for (``save_precision``)."""
+    return _SAVE_DTYPES.get(cfg.save_precision, "fp32")
+
+
+def write_run_lora(run: RunDir, weights, out: str | os.PathLike[str], *, facts: Mapping[str, Any], step: int,
+                   fmt: str = "kohya", dtype: str | None = None) -> Path:
+    """Write ``weights`` (a ``LoraWeights`` or an adapter) of ``run`` at ``step`` with the run's facts."""
+    from ..lora import save_lora
+
+    metadata = dict(facts.get("metadata") or {})
+    metadata["ss_steps"] = str(step)
+    return save_lora(weights, out, format=fmt,  # type: ignore[arg-type]
+                     metadata=metadata, family=facts["family"], prediction_type=facts["prediction_type"],
+                     title=facts.get("title") or run.name, dtype=dtype or facts.get("dtype") or "fp32")
+
+
+def save_facts(run: RunDir, *, family: str, prediction_type: str, title: str, dtype: str,
+               metadata: Mapping[str, str]) -> dict[str, Any]:
+    """Record a run's training facts so that later exports write the same metadata."""
+    facts = {"family": family, "prediction_type": prediction_type, "title": title, "dtype": dtype,
+             "metadata": dict(metadata)}
+    atomic_write_text(run.path / FACTS_FILE, json.dumps(facts, indent=1))
+    return facts
+
+
+def load_facts(run: RunDir) -> dict[str, Any]:
+    """A run's training facts: ``lora_facts.json``, else those in its final file, else from its config."""
+    path = run.path / FACTS_FILE
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise RunExportError(f"{path} is damaged ({e}); export the run's final file instead.") from None
+    cfg = run.load_config()
+    facts: dict[str, Any] = {"family": None, "prediction_type": "epsilon", "title": cfg.output_name,
+                             "dtype": save_dtype(cfg), "metadata": {}}
+    if run.lora_path.is_file():
+        from ..lora.formats.io import read_metadata
+
+        meta = read_metadata(run.lora_path)
+        facts["metadata"] = {k: v for k, v in meta.items()
+                             if (k.startswith("ss_") and not k.startswith("ss_network_")) or k == "sdlora_trigger_word"}
+        version = meta.get("ss_base_model_version", "")
+        facts["family"] = "sdxl" if version.startswith("sdxl") else "sd2" if version.startswith("sd_v2") else "sd1"
+        facts["prediction_type"] = "v_prediction" if meta.get("modelspec.prediction_type") == "v" else "epsilon"
+        if meta.get("modelspec.resolution"):
+            facts["metadata"]["modelspec.resolution"] = meta["modelspec.resolution"]
+    return facts
+
+
+def checkpoint_weights(run: RunDir, step: int | None = None, base: Any = None):
+    """(weights, base) of checkpoint ``step`` (default: the latest), exported by the run's method.
+
+    The adapter is restored into the run's base model (loaded unless ``base`` is given) exactly as a
+    resume restores it; ``base`` is returned so callers can read its family.
+    """
+    from .checkpoint import load_run_adapter
+
+    checkpoint = run.checkpoints_dir / f"step-{int(step)}" if step is not None else run.latest_checkpoint()
+    if checkpoint is None or not (checkpoint / "adapter.safetensors").is_file():
+        available = [p.name for p in run.checkpoints()]
+        which = f"checkpoint step-{step}" if step is not None else "checkpoint"
+        raise RunExportError(f"Run {run.path} has no {which}; available: {', '.join(available) or 'none'}.")
+    base, adapter = load_run_adapter(run.path, step=int(checkpoint.name.split("-", 1)[1]), base=base)
+    return adapter.export(), base
+
+
+def _default_out(run: RunDir, step: int | None, rank: int | None, fmt: str) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", run.name).strip("._") or "lora"
+    suffix = (f"-step{step}" if step is not None else "") + (f"-r{rank}" if rank else "")
+    suffix += "-diffusers" if fmt == "diffusers" else ""
+    return run.path / "exports" / f"{stem}{suffix}.safetensors"
+
+
+def export_run(run_dir: str | os.PathLike[str], *, fmt: str = "kohya", out: str | os.PathLike[str] | None = None,
+               step: int | None = None, rank: int | None = None, dtype: str | None = None) -> Path:
+    """Export a run's LoRA as ``fmt`` ("kohya" / "diffusers"): its last checkpoint, or ``step``.
+
+    ``rank`` re-ranks every layer above it (SVD of its delta; a DyLoRA run keeps its leading
+    components). ``dtype`` defaults to the run's ``save_precision``. ``out`` defaults to
+    ``<run>/exports/<name>[-step<N>][-r<rank>][-diffusers].safetensors``.
+    """
+    run = RunDir(run_dir)
+    if not run.exists():
+        raise RunExportError(f"{run.path} is not a run directory (no config.toml).")
+    cfg = run.load_config()
+    facts = load_facts(run)
+    if run.checkpoints():
+        weights, base = checkpoint_weights(run, step)
+        if facts.get("family") is None:
+            facts["family"], facts["prediction_type"] = base.family, base.prediction_type
+        at = int(step) if step is not None else int(run.latest_checkpoint().name.split("-", 1)[1])
+    elif step is None and run.lora_path.is_file():
+        # No checkpoint is left (removed by hand): the final file is all there is.
+        from ..lora.formats import export_from
+
+        return export_from(run.lora_path, fmt=fmt, out=out or _default_out(run, None, rank, fmt), rank=rank,
+                           dtype=dtype or save_dtype(cfg), base=cfg.pretrained_model_name_or_path)
+    else:
+        raise RunExportError(f"Run {run.path} has no checkpoint and no final LoRA file to export yet.")
+    if rank:
+        weights = _resize(weights, int(rank))
+    target = Path(out).expanduser() if out is not None else _default_out(run, step, rank, fmt)
+    return write_run_lora(run, weights, target, facts=facts, step=at, fmt=fmt, dtype=dtype)
+
+
+def _resize(weights, rank: int):
+    from ..lora.variants.dylora import truncate_rank
+    from ..lora.weights import resize_rank
+
+    return truncate_rank(weights, rank) if weights.method == "dylora" else resize_rank(weights, rank)
