@@ -51,11 +51,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .shipped import CONFIGS_DIR  # noqa: F401  (re-exported: the shipped config folders)
+
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
-
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-"""Shipped diffusers configs (no weights): ``sd1``, ``sd2`` (512, epsilon), ``sd2_v`` (768, v-prediction)."""
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -444,12 +443,10 @@ def detect_single_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def shipped_config_dir(family: str, prediction_type: str) -> Path:
-    """The shipped diffusers config folder for a family and prediction type."""
-    if family == "sd1":
-        return CONFIGS_DIR / "sd1"
-    if family == "sd2":
-        return CONFIGS_DIR / ("sd2_v" if prediction_type == "v_prediction" else "sd2")
-    raise ValueError(f"no shipped configs for family {family!r}")
+    """The shipped diffusers config folder for a family and prediction type (see :mod:`.shipped`)."""
+    from .shipped import config_dir
+
+    return config_dir(family, prediction_type)
 
 
 def family_tokenizer(family: str, pad_token: str | None = None):
