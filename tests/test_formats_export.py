@@ -56,7 +56,7 @@ def test_resize_rank_is_the_best_low_rank_approximation():
 @pytest.fixture(scope="module")
 def sd15_file(tmp_path_factory):
     """A small-rank LoRA shaped for SD 1.5 (UNet full preset + text encoder), random values."""
-    unet, text_encoder = meta_models("sd1")
+    unet, text_encoder = (meta_models("sd1")[k] for k in ("unet", "text_encoder"))
     spec = LoraSpec(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, text_encoder=True)
     weights = LoraWeights(info={"preset": "full"})
     g = torch.Generator().manual_seed(2)
@@ -87,7 +87,7 @@ def test_export_file_to_diffusers_at_lower_rank(sd15_file):
     from sdlora.lora import read_lora_file
     from sdlora.lora.formats import match_to_model
 
-    unet, text_encoder = meta_models("sd1")
+    unet, text_encoder = (meta_models("sd1")[k] for k in ("unet", "text_encoder"))
     reread, _ = match_to_model(read_lora_file(back), unet, text_encoder)
     conv1 = "down_blocks.0.resnets.0.conv1"
     assert reread.unet[conv1].scale == pytest.approx(weights.unet[conv1].scale)
