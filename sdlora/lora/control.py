@@ -1,6 +1,6 @@
 """Runtime controls over adapters already in a model: scale, activation, enable/disable, merge.
 
-All functions take one or more models (UNet, text encoder) and act on every PEFT layer in them,
+All functions take one or more models (UNet, text encoder(s)) and act on every PEFT layer in them,
 through PEFT's ``BaseTunerLayer``/``LoraLayer`` methods. Nothing is reloaded: a scale change
 only rewrites one float per layer. Adapter parameters keep their ``requires_grad`` flags
 (PEFT's ``set_adapter``/``enable_adapters`` would otherwise turn gradients on), so these calls are
@@ -188,10 +188,6 @@ def disable(models: Models) -> None:
         if not layer.disable_adapters:  # type: ignore[attr-defined]
             with _keep_requires_grad(layer):
                 layer.enable_adapters(False)  # type: ignore[attr-defined]
-
-
-def is_enabled(models: Models) -> bool:
-    return not any(layer.disable_adapters for _, layer in tuner_layers(models))  # type: ignore[attr-defined]
 
 
 def merge(models: Models, names: Sequence[str] | None = None) -> None:

@@ -1,4 +1,7 @@
-"""Putting adapters into a UNet and a text encoder, and the handle the training loop holds.
+"""Putting adapters into a UNet and its text encoder(s), and the handle the training loop holds.
+
+SD 1.x/2.x have one text encoder; SDXL has two (``text_encoder`` = CLIP ViT-L,
+``text_encoder_2`` = OpenCLIP bigG). ``spec.text_encoder`` adapts every text encoder given.
 
 Injection goes through ``peft.inject_adapter_in_model`` for both models (transformers 5's own
 ``add_adapter`` refuses peft 0.21, and diffusers' loader uses the same PEFT call), so the layers
@@ -17,7 +20,7 @@ from torch import nn
 from . import control
 from .errors import LoraError, LoraShapeMismatchError
 from .spec import LoraSpec
-from .targets import Component, TargetModule, TargetPlan, canonical_path, plan_from_shapes, plan_targets
+from .targets import COMPONENTS, Component, TargetModule, TargetPlan, canonical_path, plan_from_shapes, plan_targets
 from .variants import AdapterMethod, adapter_parameters, get_method
 from .weights import LoraWeights, ModuleLora
 
@@ -46,7 +49,7 @@ def safe_adapter_name(text: str, taken: set[str] | None = None) -> str:
 
 @dataclass
 class LoraAdapter:
-    """One named adapter living in a UNet (and maybe a text encoder).
+    """One named adapter living in a UNet (and maybe one or two text encoders).
 
     Returned by :func:`inject_adapters` and :func:`apply_weights`; the training loop keeps it to
     get optimizer groups, checkpoints and the exported weights.
@@ -60,18 +63,26 @@ class LoraAdapter:
     plans: dict[str, TargetPlan] = field(default_factory=dict)
     #: where the weights came from when they were loaded rather than injected fresh (a file path)
     origin: str | None = None
+    #: SDXL's second text encoder when it holds this adapter
+    text_encoder_2: nn.Module | None = None
 
     # Structure ------------------------------------------------------------------------------------
     @property
     def models(self) -> list[nn.Module]:
-        return [m for m in (self.unet, self.text_encoder) if m is not None]
+        return [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
 
     def model(self, component: Component) -> nn.Module | None:
-        return self.unet if component == "unet" else self.text_encoder
+        if component not in COMPONENTS:
+            raise LoraError(f"Unknown LoRA component {component!r}; components: {', '.join(COMPONENTS)}.")
+        return getattr(self, component)
+
+    def components(self) -> list[Component]:
+        """The components holding this adapter, in order (unet, text_encoder, text_encoder_2)."""
+        return [c for c in COMPONENTS if self.model(c) is not None]
 
     def layers(self, component: Component | None = None) -> Iterator[tuple[Component, str, nn.Module]]:
         """(component, canonical path, PEFT layer) of every layer holding this adapter."""
-        for comp in (component,) if component else ("unet", "text_encoder"):
+        for comp in (component,) if component else COMPONENTS:
             model = self.model(comp)  # type: ignore[arg-type]
             if model is None:
                 continue
@@ -93,12 +104,21 @@ class LoraAdapter:
 
     # Training -------------------------------------------------------------------------------------
     def param_groups(
-        self, *, unet_lr: float, text_encoder_lr: float | None = None, weight_decay: float = 0.0
+        self,
+        *,
+        unet_lr: float,
+        text_encoder_lr: float | None = None,
+        weight_decay: float = 0.0,
+        text_encoder_2_lr: float | None = None,
     ) -> list[dict[str, Any]]:
-        """Optimizer groups decided by the method (what trains at which learning rate)."""
-        return self.method.param_groups(
-            self, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr, weight_decay=weight_decay
-        )
+        """Optimizer groups decided by the method (what trains at which learning rate).
+
+        ``text_encoder_lr=None`` trains the text encoder(s) at ``unet_lr``; ``text_encoder_2_lr=None``
+        trains SDXL's second text encoder at the first one's rate. Groups are named "unet",
+        "text_encoder", "text_encoder_2" (methods may split them, e.g. "unet.up").
+        """
+        lrs = learning_rates(unet_lr, text_encoder_lr, text_encoder_2_lr)
+        return self.method.param_groups(self, lrs=lrs, weight_decay=weight_decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This adapter's raw weights (for checkpoints; exact, method-specific)."""
@@ -169,6 +189,15 @@ class LoraAdapter:
         control.delete(self.models, self.name)
 
 
+def learning_rates(
+    unet_lr: float, text_encoder_lr: float | None = None, text_encoder_2_lr: float | None = None
+) -> dict[Component, float]:
+    """Learning rate per component: a ``None`` text-encoder rate falls back to ``unet_lr``, a ``None``
+    second-encoder rate to the first encoder's."""
+    te = unet_lr if text_encoder_lr is None else text_encoder_lr
+    return {"unet": unet_lr, "text_encoder": te, "text_encoder_2": te if text_encoder_2_lr is None else text_encoder_2_lr}
+
+
 def _check_free(model: nn.Module, name: str) -> None:
     if name in control.adapter_names(model):
         raise LoraError(f"An adapter named {name!r} is already in {type(model).__name__}; pick another name.")
@@ -186,26 +215,30 @@ def inject_adapters(
     text_encoder: nn.Module | None = None,
     spec: LoraSpec | None = None,
     adapter_name: str = "default",
+    *,
+    text_encoder_2: nn.Module | None = None,
 ) -> LoraAdapter:
-    """Add a fresh adapter to the UNet (and the text encoder when ``spec.text_encoder``).
+    """Add a fresh adapter to the UNet (and the text encoders when ``spec.text_encoder``).
 
-    The adapter is zero at start (``up`` = 0), so outputs are bit-identical to the base model
-    until it trains. Raises :class:`LoraError` for an unknown method or preset, or a rank larger
-    than a layer allows (naming the layer).
+    ``text_encoder_2`` is SDXL's second text encoder; with ``spec.text_encoder`` both encoders
+    get adapters from the same preset, rank and alpha. The adapter is zero at start (``up`` = 0),
+    so outputs are bit-identical to the base model until it trains. Raises :class:`LoraError` for
+    an unknown method or preset, or a rank larger than a layer allows (naming the layer).
     """
     spec = spec or LoraSpec()
     check_adapter_name(adapter_name)
     method = get_method(spec.method)
     method.validate(spec)
-    if unet is None and (text_encoder is None or not spec.text_encoder):
+    if unet is None and (not spec.text_encoder or (text_encoder is None and text_encoder_2 is None)):
         raise LoraError("Nothing to adapt: give a UNet, or a text encoder with spec.text_encoder=True.")
     if spec.text_encoder and text_encoder is None:
         raise LoraError("spec.text_encoder is true but no text encoder was given.")
     work: list[tuple[Component, nn.Module]] = []
     if unet is not None:
         work.append(("unet", unet))
-    if spec.text_encoder and text_encoder is not None:
-        work.append(("text_encoder", text_encoder))
+    if spec.text_encoder:
+        work.extend((c, m) for c, m in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)) if m is not None)
+    method.check_models(dict(work), spec)
     # Plan everything first so that a bad rank fails before any model is modified.
     plans = {comp: plan_targets(model, comp, spec) for comp, model in work}
     for comp, model in work:
@@ -213,7 +246,10 @@ def inject_adapters(
     for comp, model in work:
         method.inject(model, plans[comp], spec, adapter_name)
         _verify(model, plans[comp], adapter_name)
-    return LoraAdapter(adapter_name, method, spec, unet, text_encoder if spec.text_encoder else None, plans)
+    return LoraAdapter(
+        adapter_name, method, spec, unet, text_encoder if spec.text_encoder else None, plans,
+        text_encoder_2=text_encoder_2 if spec.text_encoder else None,
+    )
 
 
 def _fit(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -228,6 +264,8 @@ def apply_weights(
     text_encoder: nn.Module | None,
     weights: LoraWeights,
     adapter_name: str,
+    *,
+    text_encoder_2: nn.Module | None = None,
 ) -> LoraAdapter:
     """Inject plain LoRA weights (e.g. read from a file) as adapter ``adapter_name``.
 
@@ -236,20 +274,22 @@ def apply_weights(
     """
     check_adapter_name(adapter_name)
     method = get_method("lora")
+    given: dict[Component, nn.Module | None] = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     parts: list[tuple[Component, nn.Module, dict[str, ModuleLora]]] = []
-    if weights.unet:
-        if unet is None:
-            raise LoraError("These LoRA weights adapt a UNet, but no UNet was given.")
-        parts.append(("unet", unet, weights.unet))
-    if weights.text_encoder:
-        if text_encoder is None:
-            raise LoraError("These LoRA weights adapt a text encoder, but no text encoder was given.")
-        parts.append(("text_encoder", text_encoder, weights.text_encoder))
+    for comp in COMPONENTS:
+        modules = weights.component(comp)
+        if not modules:
+            continue
+        model = given[comp]
+        if model is None:
+            what = {"unet": "a UNet", "text_encoder": "a text encoder", "text_encoder_2": "a second text encoder (SDXL)"}[comp]
+            raise LoraError(f"These LoRA weights adapt {what}, but none was given.")
+        parts.append((comp, model, modules))
     if not parts:
         raise LoraError("These LoRA weights are empty.")
     for _, model, _ in parts:
         _check_free(model, adapter_name)
-    spec = LoraSpec(method="lora", preset="attn", text_encoder=bool(weights.text_encoder))
+    spec = LoraSpec(method="lora", preset="attn", text_encoder=bool(weights.text_encoder or weights.text_encoder_2))
     plans: dict[str, TargetPlan] = {}
     for comp, model, modules in parts:
         plan = plan_from_shapes(model, comp, {p: (m.rank, m.alpha) for p, m in modules.items()})
@@ -276,6 +316,7 @@ def apply_weights(
         text_encoder if weights.text_encoder else None,
         plans,
         origin=str(weights.info.get("source", "weights")),
+        text_encoder_2=text_encoder_2 if weights.text_encoder_2 else None,
     )
 
 
@@ -285,5 +326,6 @@ __all__ = [
     "apply_weights",
     "check_adapter_name",
     "inject_adapters",
+    "learning_rates",
     "safe_adapter_name",
 ]

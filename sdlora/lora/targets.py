@@ -1,9 +1,16 @@
 """Target presets and the per-layer plan (which layers get an adapter, at which rank and alpha).
 
 A preset is a set of regular expressions over module paths, one set for the UNet and one for
-the text encoder. Paths are those of diffusers' ``UNet2DConditionModel`` and of transformers'
-``CLIPTextModel``; transformers 5 has no ``text_model.`` level, older versions do, so text-encoder
-paths are matched and named without it (see :func:`canonical_path`).
+the text encoders (SDXL's two encoders get the same set). Paths are those of diffusers'
+``UNet2DConditionModel`` and of transformers' ``CLIPTextModel`` / ``CLIPTextModelWithProjection``;
+transformers 5's ``CLIPTextModel`` has no ``text_model.`` level, older versions and
+``CLIPTextModelWithProjection`` do, so text-encoder paths are matched and named without it (see
+:func:`canonical_path`).
+
+On SDXL the presets select what kohya sd-scripts' ``networks.lora`` selects by default: the
+children of every ``Transformer2DModel`` (attention projections, feed-forward, ``proj_in``/``proj_out``)
+and, with ``conv_dim`` (preset ``full``), the Linear/Conv2d layers of ``ResnetBlock2D``,
+``Downsample2D`` and ``Upsample2D``; in the text encoders those of ``CLIPAttention`` and ``CLIPMLP``.
 """
 
 from __future__ import annotations
@@ -18,8 +25,14 @@ from torch import nn
 from .errors import LoraError
 from .spec import LoraSpec
 
-Component = Literal["unet", "text_encoder"]
-COMPONENTS: tuple[Component, ...] = ("unet", "text_encoder")
+Component = Literal["unet", "text_encoder", "text_encoder_2"]
+#: every component an adapter can live in; ``text_encoder_2`` is SDXL's second text encoder
+COMPONENTS: tuple[Component, ...] = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS: tuple[Component, ...] = ("text_encoder", "text_encoder_2")
+
+
+def is_text_encoder(component: str) -> bool:
+    return component in TEXT_ENCODERS
 
 _UNET_ATTN = r"(.*\.)?transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 _UNET_MLP = (
@@ -36,7 +49,8 @@ _TE_MLP = r"(.*\.)?layers\.\d+\.mlp\.(fc1|fc2)"
 
 @dataclass(frozen=True)
 class Preset:
-    """A named choice of layers; ``unet``/``text_encoder`` are full-match regular expressions."""
+    """A named choice of layers; ``unet``/``text_encoder`` are full-match regular expressions
+    (``text_encoder`` applies to both text encoders of SDXL)."""
 
     name: str
     description: str
@@ -87,14 +101,14 @@ def get_preset(name: str) -> Preset:
 
 def canonical_path(component: Component, path: str) -> str:
     """The module path used in names and files: text-encoder paths lose a leading ``text_model.``."""
-    if component == "text_encoder" and path.startswith("text_model."):
+    if is_text_encoder(component) and path.startswith("text_model."):
         return path[len("text_model.") :]
     return path
 
 
 def model_path(model: nn.Module, component: Component, canonical: str) -> str:
     """The path of ``canonical`` in ``model`` (adds ``text_model.`` back where the model has it)."""
-    if component == "text_encoder" and hasattr(model, "text_model"):
+    if is_text_encoder(component) and hasattr(model, "text_model"):
         return "text_model." + canonical
     return canonical
 
@@ -207,7 +221,7 @@ def plan_targets(model: nn.Module, component: Component, spec: LoraSpec) -> Targ
     if component == "unet":
         linear = (spec.linear_rank, spec.linear_alpha)
         conv = (spec.effective_conv_rank, spec.effective_conv_alpha)
-    else:
+    else:  # both text encoders
         linear = conv = (spec.effective_text_encoder_rank, spec.effective_text_encoder_alpha)
     modules: list[TargetModule] = []
     for path, canonical, layer in iter_adaptable(model, component):
@@ -230,7 +244,7 @@ def plan_targets(model: nn.Module, component: Component, spec: LoraSpec) -> Targ
     if not modules:
         raise LoraError(
             f"LoRA preset {spec.preset!r} matches no layer of the {component.replace('_', ' ')} "
-            f"({type(model).__name__}); is this a Stable Diffusion 1.x/2.x model?"
+            f"({type(model).__name__}); is this a Stable Diffusion 1.x/2.x/XL model?"
         )
     return TargetPlan(component, tuple(modules))
 

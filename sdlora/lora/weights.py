@@ -8,11 +8,11 @@ to know about each other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-from .targets import Component
+from .targets import COMPONENTS, Component
 
 
 @dataclass
@@ -54,25 +54,42 @@ class ModuleLora:
 class LoraWeights:
     """Adapters by component and canonical module path (text-encoder paths without ``text_model.``).
 
-    ``method`` is the registry name of the method that produced the weights; ``info`` carries
-    what the writer should record (preset, spec values, ...).
+    ``text_encoder_2`` is SDXL's second text encoder (empty for SD 1.x/2.x). ``method`` is the
+    registry name of the method that produced the weights; ``info`` carries what the writer should
+    record (preset, spec values, ...).
     """
 
     unet: dict[str, ModuleLora] = field(default_factory=dict)
     text_encoder: dict[str, ModuleLora] = field(default_factory=dict)
     method: str = "lora"
     info: dict[str, object] = field(default_factory=dict)
+    text_encoder_2: dict[str, ModuleLora] = field(default_factory=dict)
 
     def component(self, name: Component) -> dict[str, ModuleLora]:
-        return self.unet if name == "unet" else self.text_encoder
+        if name not in COMPONENTS:
+            raise KeyError(f"unknown LoRA component {name!r}; components: {', '.join(COMPONENTS)}")
+        return getattr(self, name)
 
     def items(self) -> Iterator[tuple[Component, str, ModuleLora]]:
-        for name in ("unet", "text_encoder"):
-            for path, module in self.component(name).items():  # type: ignore[arg-type]
-                yield name, path, module  # type: ignore[misc]
+        for name in COMPONENTS:
+            for path, module in self.component(name).items():
+                yield name, path, module
+
+    def counts(self) -> dict[str, int]:
+        """Modules per component, for the components that have any."""
+        return {c: len(self.component(c)) for c in COMPONENTS if self.component(c)}
+
+    def map_modules(self, fn: Callable[[ModuleLora], ModuleLora], method: str | None = None,
+                    info: dict[str, object] | None = None) -> "LoraWeights":
+        """A copy with ``fn`` applied to every module (same components and paths)."""
+        parts = {c: {k: fn(v) for k, v in self.component(c).items()} for c in COMPONENTS}
+        return LoraWeights(
+            parts["unet"], parts["text_encoder"], self.method if method is None else method,
+            dict(self.info) if info is None else info, text_encoder_2=parts["text_encoder_2"],
+        )
 
     def __len__(self) -> int:
-        return len(self.unet) + len(self.text_encoder)
+        return sum(len(self.component(c)) for c in COMPONENTS)
 
     def to(self, dtype: torch.dtype) -> "LoraWeights":
         """A copy with ``down``/``up`` (and ``dora_scale``) cast to ``dtype``."""
@@ -85,12 +102,7 @@ class LoraWeights:
                 None if m.dora_scale is None else m.dora_scale.to(dtype),
             )
 
-        return LoraWeights(
-            {k: cast(v) for k, v in self.unet.items()},
-            {k: cast(v) for k, v in self.text_encoder.items()},
-            self.method,
-            dict(self.info),
-        )
+        return self.map_modules(cast)
 
 
 def resize_rank(weights: LoraWeights, rank: int) -> LoraWeights:
@@ -125,9 +137,4 @@ def resize_rank(weights: LoraWeights, rank: int) -> LoraWeights:
             return ModuleLora(down.reshape(rank, *m.down.shape[1:]), up.reshape(out_features, rank, 1, 1), new_alpha)
         return ModuleLora(down, up, new_alpha)
 
-    return LoraWeights(
-        {k: resize(v) for k, v in weights.unet.items()},
-        {k: resize(v) for k, v in weights.text_encoder.items()},
-        weights.method,
-        {**weights.info, "resized_to_rank": rank},
-    )
+    return weights.map_modules(resize, info={**weights.info, "resized_to_rank": rank})

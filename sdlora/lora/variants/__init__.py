@@ -7,6 +7,7 @@ and adding one line to ``_REGISTRY``; nothing else (training loop, UI, formats) 
 from __future__ import annotations
 
 import importlib
+from typing import Collection, Mapping
 
 from ..errors import LoraError
 from .base import AdapterMethod, adapter_parameters
@@ -46,4 +47,27 @@ def get_method(name: str) -> AdapterMethod:
     return _instances[name]
 
 
-__all__ = ["AdapterMethod", "adapter_parameters", "get_method", "method_names"]
+def method_for_file(metadata: Mapping[str, str], suffixes: Collection[str] = ()) -> AdapterMethod:
+    """The method a LoRA file belongs to: its ``sdlora_method`` entry when that names a registered
+    method, else the first method whose :meth:`~AdapterMethod.describe` recognises the file (e.g.
+    kohya's DyLoRA), else plain LoRA."""
+    name = metadata.get("sdlora_method")
+    if name in _REGISTRY:
+        return get_method(name)
+    for candidate in _REGISTRY:
+        method = get_method(candidate)
+        if method.describe(metadata, suffixes) is not None:
+            return method
+    return get_method("lora")
+
+
+def describe_file(metadata: Mapping[str, str], suffixes: Collection[str] = ()) -> str | None:
+    """The network type of a file one of the registered methods recognises (see ``describe``), or None."""
+    for candidate in _REGISTRY:
+        label = get_method(candidate).describe(metadata, suffixes)
+        if label is not None:
+            return label
+    return None
+
+
+__all__ = ["AdapterMethod", "adapter_parameters", "describe_file", "get_method", "method_for_file", "method_names"]

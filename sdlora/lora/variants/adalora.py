@@ -39,14 +39,14 @@ import json
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import LoraError
 from ..spec import LoraSpec
-from ..targets import TargetPlan
+from ..targets import COMPONENTS, Component, TargetPlan
 from ..weights import LoraWeights, ModuleLora
 from .base import AdapterMethod
 
@@ -279,10 +279,10 @@ class AdaLora(AdapterMethod):
                     base.register_forward_hook(_own_output)
                     base._sdlora_no_view_output = True
 
-    def param_groups(self, adapter: "LoraAdapter", *, unet_lr: float, text_encoder_lr: float | None = None,
+    def param_groups(self, adapter: "LoraAdapter", *, lrs: Mapping[Component, float],
                      weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """The triplets train; PEFT's ``ranknum`` (the constant initial rank) does not."""
-        groups = super().param_groups(adapter, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr, weight_decay=weight_decay)
+        groups = super().param_groups(adapter, lrs=lrs, weight_decay=weight_decay)
         constant = {id(p) for name, p in adapter.named_parameters() if name.split(".")[-1] == "ranknum"}
         for group in groups:
             for p in group["params"]:
@@ -326,7 +326,7 @@ class AdaLora(AdapterMethod):
 
     def export_metadata(self, adapter: "LoraAdapter", weights: LoraWeights) -> dict[str, str]:
         layers = list(_svd_layers(adapter))
-        kept = {comp: 0 for comp in ("unet", "text_encoder")}
+        kept = {comp: 0 for comp in COMPONENTS}
         for comp, _, layer in layers:
             kept[comp] += int((layer.lora_E[adapter.name] != 0).sum())
         state = self._state(adapter)

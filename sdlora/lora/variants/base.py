@@ -7,7 +7,11 @@ A method is one object registered by name in :mod:`sdlora.lora.variants`. It dec
   PEFT's own ``LoraVariant`` hooks then give forward/merge/unmerge),
 * what trains at which learning rate (:meth:`AdapterMethod.param_groups`),
 * how a trained adapter becomes plain ``lora_down``/``lora_up``/``alpha`` (+ ``dora_scale``)
-  that any SD tool loads (:meth:`AdapterMethod.export`).
+  that any SD tool loads (:meth:`AdapterMethod.export`),
+* what the file formats need to know about it: whether its checkpoints are plain LoRA weights
+  (:attr:`AdapterMethod.checkpoint_is_plain`), how its files get a lower rank
+  (:meth:`AdapterMethod.reduce_rank`), and how a file of this method is recognised and named by
+  ``inspect`` (:meth:`AdapterMethod.describe`). The formats ask the method; they never test names.
 
 Runtime controls (scale, enable/disable, merge) are PEFT's ``BaseTunerLayer`` methods and work
 for every method without extra code.
@@ -16,14 +20,14 @@ for every method without extra code.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Collection, Iterator, Mapping
 
 from torch import nn
 
 from ..errors import LoraError
 from ..spec import LoraSpec
-from ..targets import TargetPlan
-from ..weights import LoraWeights, ModuleLora
+from ..targets import COMPONENTS, Component, TargetPlan
+from ..weights import LoraWeights, ModuleLora, resize_rank
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftConfig
@@ -59,6 +63,9 @@ class AdapterMethod(ABC):
     kohya_network_module: ClassVar[str] = "networks.lora"
     #: keys of ``LoraSpec.options`` this method understands
     option_names: ClassVar[frozenset[str]] = frozenset()
+    #: whether a training checkpoint (``LoraAdapter.state_dict()``) holds exactly the plain
+    #: ``lora_A``/``lora_B`` of the exported file, so it can be exported without the base model
+    checkpoint_is_plain: ClassVar[bool] = False
 
     def validate(self, spec: LoraSpec) -> None:
         """Raise :class:`LoraError` for settings this method cannot honour."""
@@ -66,6 +73,11 @@ class AdapterMethod(ABC):
         if unknown:
             allowed = ", ".join(sorted(self.option_names)) or "none"
             raise LoraError(f"LoRA method {self.name!r} has no option(s) {unknown}; its options: {allowed}.")
+
+    def check_models(self, models: Mapping[Component, nn.Module], spec: LoraSpec) -> None:
+        """Raise :class:`LoraError` when this method cannot adapt these models (called before any
+        model is changed). ``models`` maps component ("unet", "text_encoder", "text_encoder_2")
+        to the model that gets adapters. Every registered method handles SD 1.x/2.x and SDXL."""
 
     @abstractmethod
     def build_config(self, plan: TargetPlan, spec: LoraSpec) -> "PeftConfig":
@@ -86,22 +98,22 @@ class AdapterMethod(ABC):
         self,
         adapter: "LoraAdapter",
         *,
-        unet_lr: float,
-        text_encoder_lr: float | None = None,
+        lrs: Mapping[Component, float],
         weight_decay: float = 0.0,
     ) -> list[dict[str, Any]]:
         """Optimizer parameter groups: by default every adapter weight trains, one group per component.
 
-        ``text_encoder_lr=None`` uses ``unet_lr`` for the text encoder too. Groups carry a ``name``
-        key ("unet" / "text_encoder") for logging; torch optimizers ignore it.
+        ``lrs`` holds the learning rate of each component ("unet", "text_encoder",
+        "text_encoder_2"; see ``LoraAdapter.param_groups``). Groups carry a ``name`` key (the
+        component) for logging; torch optimizers ignore it.
         """
         groups = []
-        for component, lr in (("unet", unet_lr), ("text_encoder", unet_lr if text_encoder_lr is None else text_encoder_lr)):
-            params = [p for _, p in adapter.named_parameters(component)]  # type: ignore[arg-type]
+        for component in COMPONENTS:
+            params = [p for _, p in adapter.named_parameters(component)]
             for p in params:
                 p.requires_grad_(True)
             if params:
-                groups.append({"name": component, "params": params, "lr": lr, "weight_decay": weight_decay})
+                groups.append({"name": component, "params": params, "lr": lrs[component], "weight_decay": weight_decay})
         return groups
 
     @abstractmethod
@@ -116,6 +128,22 @@ class AdapterMethod(ABC):
         """Facts about one export that its file records (e.g. an approximation error), called after
         every layer's :meth:`export`; written as-is into the file's metadata."""
         return {}
+
+    # File hooks -----------------------------------------------------------------------------------
+    def reduce_rank(self, weights: LoraWeights, rank: int) -> LoraWeights:
+        """A copy of this method's exported ``weights`` with every layer above ``rank`` brought down
+        to ``rank`` (``export --rank``). Default: the best rank-``rank`` approximation of each layer's
+        delta (truncated SVD)."""
+        return resize_rank(weights, rank)
+
+    def describe(self, metadata: Mapping[str, str], suffixes: Collection[str]) -> str | None:
+        """The network type ``inspect`` shows when a file is one of this method's (by its header
+        ``metadata`` and the tensor-name ``suffixes`` of its modules, e.g. ``dora_scale``), else None.
+
+        Methods whose files are plain LoRA to every other tool return None (the default); the file
+        is then named by its layout (LoRA / LoCon). Also decides which method a file without an
+        ``sdlora_method`` entry belongs to (see ``variants.method_for_file``)."""
+        return None
 
     def network_args(self, spec: LoraSpec) -> dict[str, str]:
         """Method-specific entries of kohya's ``ss_network_args`` (string values, as kohya writes them).

@@ -290,6 +290,7 @@ class DeltaLora(PlainLora):
     description = "LoRA whose training also moves the base weights by lambda x the change of BA; exported by SVD."
     kohya_network_module = "networks.lora"
     option_names = frozenset({"loraplus_lr_ratio", "delta_factor", "update_start", "export_rank"})
+    checkpoint_is_plain = False  # the adapter at the update start is part of its state
 
     def validate(self, spec: LoraSpec) -> None:
         super().validate(spec)

@@ -31,7 +31,7 @@ so the layer computes ``W0 x + w * (W0 ((g - 1) * x) + s B (A (g * x)))`` withou
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +205,7 @@ class Dora(PlainLora):
     #: LyCORIS writes this layout with algo=lora, dora_wd=True, wd_on_output=False
     kohya_network_module = "lycoris.kohya"
     option_names = frozenset({"loraplus_lr_ratio"})
+    checkpoint_is_plain = False  # the magnitudes are part of the adapter
 
     @classmethod
     def instance(cls) -> "Dora":
@@ -226,6 +227,15 @@ class Dora(PlainLora):
 
     def network_args(self, spec: LoraSpec) -> dict[str, str]:
         return {"algo": "lora", "dora_wd": "True", "wd_on_output": "False"}
+
+    def reduce_rank(self, weights: LoraWeights, rank: int) -> LoraWeights:
+        raise LoraError("DoRA weights cannot be re-ranked: their magnitudes are tied to the full-rank direction.")
+
+    def describe(self, metadata: Mapping[str, str], suffixes: Collection[str]) -> str | None:
+        from ..formats.kohya import parse_network_args
+
+        dora_wd = str(parse_network_args(metadata).get("dora_wd", "")).lower() == "true"
+        return self.title if "dora_scale" in suffixes or dora_wd else None
 
 
 __all__ = ["Dora", "DoraVariant", "apply_dora_scales", "attach_dora", "column_norm", "magnitude_of", "magnitude_shape"]

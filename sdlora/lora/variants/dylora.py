@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -177,17 +177,13 @@ def truncate_rank(weights: LoraWeights, rank: int) -> LoraWeights:
         return ModuleLora(m.down[:rank].clone(), m.up[:, :rank].clone(), m.alpha)
 
     info = {**weights.info, "truncated_to_rank": rank, "network_module": NETWORK_MODULE}
-    return LoraWeights(
-        {k: cut(v) for k, v in weights.unet.items()},
-        {k: cut(v) for k, v in weights.text_encoder.items()},
-        "dylora",
-        info,
-    )
+    return weights.map_modules(cut, method="dylora", info=info)
 
 
-def is_dylora_metadata(metadata: dict[str, str]) -> bool:
-    """Whether a LoRA file's metadata says it holds a DyLoRA (ours or kohya's ``networks.dylora``)."""
-    return metadata.get("sdlora_method") == "dylora" or metadata.get("ss_network_module") == NETWORK_MODULE
+def is_dylora_metadata(metadata: Mapping[str, str]) -> bool:
+    """Whether a LoRA file's metadata says it holds a DyLoRA (ours, kohya's ``networks.dylora`` or
+    LyCORIS ``algo=dylora``)."""
+    return metadata.get("sdlora_method") == "dylora" or DyLora.recognises(metadata)
 
 
 def check_dylora_file(path: str | Path) -> None:
@@ -217,6 +213,23 @@ class DyLora(PlainLora):
     description = "Nested ranks: trains every rank <= r at once by sampling one per step; export or preview any rank."
     kohya_network_module = NETWORK_MODULE
     option_names = frozenset({"loraplus_lr_ratio", "frozen", "seed"})
+    checkpoint_is_plain = False  # exported through the adapter (nested-rank facts in the metadata)
+
+    @staticmethod
+    def recognises(metadata: Mapping[str, str]) -> bool:
+        from ..formats.kohya import parse_network_args
+
+        if metadata.get("ss_network_module") == NETWORK_MODULE:
+            return True
+        algo = str(parse_network_args(metadata).get("algo", "")).lower()
+        return metadata.get("ss_network_module") == "lycoris.kohya" and algo == "dylora"
+
+    def describe(self, metadata: Mapping[str, str], suffixes: Collection[str]) -> str | None:
+        return self.title if self.recognises(metadata) else None
+
+    def reduce_rank(self, weights: LoraWeights, rank: int) -> LoraWeights:
+        """The leading ``rank`` components (DyLoRA trained them as the rank-``rank`` adapter), no SVD."""
+        return truncate_rank(weights, rank)
 
     def validate(self, spec: LoraSpec) -> None:
         super().validate(spec)

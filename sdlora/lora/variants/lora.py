@@ -8,11 +8,11 @@ fresh adapter leaves every output bit-identical.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import LoraError
 from ..spec import LoraSpec
-from ..targets import TargetPlan
+from ..targets import Component, TargetPlan
 from ..weights import ModuleLora
 from .base import AdapterMethod
 
@@ -30,6 +30,7 @@ class PlainLora(AdapterMethod):
     kohya_network_module = "networks.lora"
     #: LoRA+ (Hayou et al. 2024): ``up`` (PEFT's lora_B) trains at ``ratio`` x the learning rate
     option_names = frozenset({"loraplus_lr_ratio"})
+    checkpoint_is_plain = True
 
     def validate(self, spec: LoraSpec) -> None:
         super().validate(spec)
@@ -41,13 +42,12 @@ class PlainLora(AdapterMethod):
         self,
         adapter: "LoraAdapter",
         *,
-        unet_lr: float,
-        text_encoder_lr: float | None = None,
+        lrs: Mapping[Component, float],
         weight_decay: float = 0.0,
     ) -> list[dict[str, Any]]:
         """One group per component; with LoRA+ each component splits into ``down`` and ``up`` groups."""
         ratio = float(adapter.spec.options.get("loraplus_lr_ratio") or 0.0)
-        groups = super().param_groups(adapter, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr, weight_decay=weight_decay)
+        groups = super().param_groups(adapter, lrs=lrs, weight_decay=weight_decay)
         if not ratio:
             return groups
         split: list[dict[str, Any]] = []

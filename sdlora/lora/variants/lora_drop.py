@@ -96,6 +96,7 @@ class LoraDrop(PlainLora):
     description = "Plain LoRA warm-up, then only the layers with the largest adapter output keep their own; the rest share one."
     kohya_network_module = "networks.lora"
     option_names = frozenset({"loraplus_lr_ratio", "warmup", "threshold", "measure_steps"})
+    checkpoint_is_plain = False  # shared layers hold one adapter for several
 
     def __init__(self) -> None:
         self._states: "weakref.WeakKeyDictionary[nn.Module, dict[str, _DropState]]" = weakref.WeakKeyDictionary()

@@ -12,8 +12,9 @@ names this network ``networks.lora_fa``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
+from ..targets import Component
 from .lora import PlainLora
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,13 +29,13 @@ class LoraFA(PlainLora):
     description = "LoRA with the down-projection A frozen at its random init: only B trains (less optimizer memory)."
     kohya_network_module = "networks.lora_fa"
     option_names = frozenset({"loraplus_lr_ratio"})
+    checkpoint_is_plain = True
 
     def param_groups(
         self,
         adapter: "LoraAdapter",
         *,
-        unet_lr: float,
-        text_encoder_lr: float | None = None,
+        lrs: Mapping[Component, float],
         weight_decay: float = 0.0,
     ) -> list[dict[str, Any]]:
         """Only ``up`` (PEFT's ``lora_B``) weights; ``A`` is frozen (``requires_grad=False``).
@@ -42,7 +43,7 @@ class LoraFA(PlainLora):
         With ``loraplus_lr_ratio`` the ``up`` weights train at ``ratio`` x the configured learning
         rate, the rate ``A`` would have had (LoRA+'s ratio of B's to A's learning rate).
         """
-        groups = super().param_groups(adapter, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr, weight_decay=weight_decay)
+        groups = super().param_groups(adapter, lrs=lrs, weight_decay=weight_decay)
         frozen = {id(p): p for name, p in adapter.named_parameters() if ".lora_B." not in f".{name}"}
         for p in frozen.values():
             p.requires_grad_(False)
@@ -52,6 +53,9 @@ class LoraFA(PlainLora):
             if params:
                 kept.append({**group, "params": params})
         return kept
+
+    def describe(self, metadata: Mapping[str, str], suffixes: Collection[str]) -> str | None:
+        return self.title if metadata.get("ss_network_module") == self.kohya_network_module else None
 
 
 __all__ = ["LoraFA"]

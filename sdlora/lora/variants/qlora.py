@@ -147,6 +147,7 @@ class QLora(PlainLora):
     description = "LoRA on a 4-bit NF4 base model (needs bitsandbytes, meant for a CUDA GPU): far less memory for the frozen weights."
     kohya_network_module = "networks.lora"
     option_names = frozenset({"loraplus_lr_ratio"})
+    checkpoint_is_plain = True
 
     def inject(self, model: nn.Module, plan: TargetPlan, spec: LoraSpec, adapter_name: str) -> None:
         quantize_linear_layers(model)

@@ -196,17 +196,6 @@ class Vera(AdapterMethod):
             )
             lv.attach(layer, adapter_name, VeraVariant())  # type: ignore[arg-type]
 
-    def param_groups(
-        self,
-        adapter: "LoraAdapter",
-        *,
-        unet_lr: float,
-        text_encoder_lr: float | None = None,
-        weight_decay: float = 0.0,
-    ) -> list[dict[str, Any]]:
-        """The scaling vectors ``d`` and ``b``, one group per component (``A``/``B`` are buffers)."""
-        return super().param_groups(adapter, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr, weight_decay=weight_decay)
-
     def export(self, layer: "BaseTunerLayer", adapter_name: str) -> ModuleLora:
         rank = int(layer.r[adapter_name])  # type: ignore[attr-defined]
         alpha = float(layer.lora_alpha[adapter_name])  # type: ignore[attr-defined]
