@@ -166,7 +166,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_tiny_model(a: argparse.Namespace) -> int:
     from .models.tiny import save_tiny_model
 
-    out = save_tiny_model(a.dir, seed=a.seed, prediction_type=a.prediction_type)
+    out = save_tiny_model(a.dir, seed=a.seed, prediction_type=a.prediction_type, family=a.family)
     print(out)
     return 0
 
@@ -239,10 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "is not SD 1.x/2.x-sized (a run directory uses its own)")
     e.set_defaults(func=cmd_export)
 
-    m = sub.add_parser("tiny-model", help="write a tiny random-weight SD model (diffusers folder) for tests")
+    m = sub.add_parser("tiny-model", help="write a tiny random-weight SD 1.x or SDXL model (diffusers folder) for tests")
     m.add_argument("dir")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    m.add_argument("--family", default="sd1", choices=["sd1", "sdxl"], help="architecture (default: sd1)")
     m.set_defaults(func=cmd_tiny_model)
 
     d = sub.add_parser("demo-base", help="train the bundled demo base model (sdlora demo-base train --out DIR)",
