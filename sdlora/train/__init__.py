@@ -18,6 +18,8 @@ from .config import ConfigError, TrainConfig, lora_spec
 from .events import read_events
 from .export import RunExportError, export_run
 from .loop import TrainingError, TrainResult, prepare_run, train
+from .run_info import (DatasetCheck, RunSummary, active_run, dataset_check, export_steps, final_lora, loss_curve,
+                       run_summaries, run_summary)
 from .runs import STATES, RunDir, list_runs, pid_alive
 
 
@@ -36,8 +38,10 @@ def stop_run(run: RunDir | str, timeout: float = 0.0) -> bool:
 __all__ = [
     "STATES",
     "ConfigError",
+    "DatasetCheck",
     "RunDir",
     "RunExportError",
+    "RunSummary",
     "TrainConfig",
     "TrainResult",
     "TrainingError",
@@ -50,4 +54,11 @@ __all__ = [
     "start_run",
     "stop_run",
     "train",
+    "active_run",
+    "dataset_check",
+    "export_steps",
+    "final_lora",
+    "loss_curve",
+    "run_summaries",
+    "run_summary",
 ]
