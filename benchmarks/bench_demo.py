@@ -1,6 +1,6 @@
 """Benchmark: train a style LoRA on the bundled demo model end to end, then preview it.
 
-Prints the wall time of `train(configs/demo_style.toml)` (goal: <= 5 min on a 2-core CPU), seconds
+Prints the wall time of `train(demo_style)` (the bundled config) (goal: <= 5 min on a 2-core CPU), seconds
 per preview image (20 steps, 64 px), and the style metric reached at scales 0 / 0.5 / 1 with the
 content accuracy kept. Run:  python benchmarks/bench_demo.py [--style outline|pastel|stripes] [--threads N]
 """
@@ -35,11 +35,11 @@ def main() -> None:
 
     print(f"machine: {os.cpu_count()} CPUs, torch threads {a.threads}, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
-        sets = [f"output_dir={tmp}", f"train_data_dir={REPO / 'sample_data' / 'styles' / a.style}",
+        sets = [f"output_dir={tmp}", f"train_data_dir=style:{a.style}",
                 f"trigger_word={TRIGGERS[a.style]}", "sample_every_n_steps=0", "save_every_n_steps=0"]
         if a.steps:
             sets.append(f"max_train_steps={a.steps}")
-        cfg = TrainConfig.from_toml(REPO / "configs" / "demo_style.toml", sets)
+        cfg = TrainConfig.from_toml("demo_style", sets)
         t0 = time.perf_counter()
         result = train(cfg)
         train_s = time.perf_counter() - t0

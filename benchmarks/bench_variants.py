@@ -16,7 +16,7 @@ with the real trainer in a child process and measures
 then writes the table, the settings and a picture grid (one row per method, scales 0 / 0.5 / 1)
 into the generated block of ``docs/variants.md``.
 
-Run:  python benchmarks/bench_variants.py                      # demo model (sample_data/demo-model)
+Run:  python benchmarks/bench_variants.py                      # demo model (sdlora/sample_data/demo-model)
       python benchmarks/bench_variants.py --base tiny --steps 20  # tiny random model: a quick dry run
 Options: --style outline|pastel|stripes  --steps N  --methods lora,dylora,...  --threads N
          --n-eval N (prompts per scale)  --out docs/variants.md  --grid docs/variants-grid.png  --no-write
@@ -71,16 +71,15 @@ class RowResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def base_sets(args: argparse.Namespace, out_dir: Path, row: str) -> tuple[Path, list[str]]:
-    """(config file, --set overrides) of one benchmark run."""
-    data = REPO / "sample_data" / "styles" / args.style
-    sets = [f"output_dir={out_dir}", f"output_name={row.replace('+', 'plus')}", f"train_data_dir={data}",
+def base_sets(args: argparse.Namespace, out_dir: Path, row: str) -> tuple[str, list[str]]:
+    """(bundled config name, --set overrides) of one benchmark run."""
+    sets = [f"output_dir={out_dir}", f"output_name={row.replace('+', 'plus')}", f"train_data_dir=style:{args.style}",
             f"trigger_word={TRIGGERS[args.style]}", "caption_template={caption}, in {trigger} style",
             "sample_every_n_steps=0", "sample_prompts=[]", f"seed={args.seed}"]
     if args.base == "tiny":
-        config = REPO / "configs" / "tiny.toml"
+        config = "tiny"
     else:  # the demo model, or a copy / another 64 px model of its kind
-        config = REPO / "configs" / "demo_style.toml"
+        config = "demo_style"
     sets.append(f"pretrained_model_name_or_path={args.base}")
     if args.steps:
         sets.append(f"max_train_steps={args.steps}")
@@ -241,9 +240,9 @@ def report(args: argparse.Namespace, rows: list[RowResult], base_row: dict[str, 
 
     config, sets = base_sets(args, Path(tempfile.gettempdir()), "lora")
     steps = TrainConfig.from_toml(config, sets, validate=False).max_train_steps
-    cfg_desc = "configs/tiny.toml" if args.base == "tiny" else "configs/demo_style.toml"
+    cfg_desc = "the bundled config tiny" if args.base == "tiny" else "the bundled config demo_style"
     lines += [
-        f"Settings: base `{args.base_label or args.base}`{model_id(args.base)}, style set `sample_data/styles/{args.style}` (trigger `{TRIGGERS[args.style]}`), "
+        f"Settings: base `{args.base_label or args.base}`{model_id(args.base)}, bundled style set `{args.style}` (trigger `{TRIGGERS[args.style]}`), "
         f"{cfg_desc} with max_train_steps={steps}, seed {args.seed}, same for every method; "
         f"evaluation on {args.n_eval} held-out content prompts per scale, {args.eval_steps} sampling steps, "
         f"with the exported file loaded into a fresh preview. Machine: {machine}; torch {torch.__version__}, "
@@ -303,7 +302,7 @@ def main() -> None:
         run_child(json.loads(sys.argv[2]))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="demo", help="demo (sample_data/demo-model), tiny, or a model path")
+    ap.add_argument("--base", default="demo", help="demo (sdlora/sample_data/demo-model), tiny, or a model path")
     ap.add_argument("--base-label", default="", help="name to show for --base in the report (e.g. for a copy)")
     ap.add_argument("--style", default="outline", choices=sorted(TRIGGERS))
     ap.add_argument("--steps", type=int, default=None, help="max_train_steps for every method (default: the config's)")

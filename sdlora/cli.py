@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a LoRA from a config file (and --set overrides), or resume a run",
                        description="Train a LoRA. Runs go to output_dir/output_name (default runs/my-style).")
-    t.add_argument("config", nargs="?", help="TOML config file (see configs/)")
+    t.add_argument("config", nargs="?", help="TOML config file, or a bundled config by name: demo_style, style_sd15, dreambooth_sd15, tiny (sdlora/configs/)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a config option (repeatable)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
     t.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from sdlora.cli import build_parser, main
+from sdlora.resources import CONFIGS_DIR
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
     data.mkdir()
     for i, c in enumerate(["red", "blue", "green", "yellow"]):
         Image.new("RGB", (64, 64), c).save(data / f"{i}.png")
-    rc = main(["train", str(REPO / "configs" / "tiny.toml"), "--no-progress", "--set", f"train_data_dir={data}",
+    rc = main(["train", str(CONFIGS_DIR / "tiny.toml"), "--no-progress", "--set", f"train_data_dir={data}",
                "--set", f"pretrained_model_name_or_path={tmp / 'model'}", "--set", f"output_dir={tmp / 'runs'}",
                "--set", "max_train_steps=4", "--set", "output_name=cli-run"])
     assert rc == 0

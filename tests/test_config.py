@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from sdlora.resources import CONFIGS_DIR
 from sdlora.train.config import ConfigError, TrainConfig, parse_override
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = CONFIGS_DIR
 
 
 @pytest.fixture()

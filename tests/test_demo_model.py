@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ from safetensors.torch import load_file
 
 from sdlora.models.demo import metrics
 from sdlora.models.demo.model import DEFAULT_GUIDANCE, RESOLUTION
+from sdlora.resources import DEMO_MODEL
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "sample_data" / "demo-model"
+MODEL_DIR = DEMO_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A style LoRA is really learned on the bundled demo model (configs/demo_style.toml, the outline set).
+"""A style LoRA is really learned on the bundled demo model (the bundled demo_style config, the outline set).
 
 Trains with the real trainer, then slides the scale: the style metric rises with the scale and is
 clearly above the base at 1.0, the content (colour, shape) is kept, scale 0 is the base exactly,
@@ -7,19 +7,16 @@ and the exported kohya file gives the same pictures in a fresh diffusers pipelin
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from sdlora.models.loading import DEFAULT_BASE
+from sdlora.resources import CONFIGS_DIR, style_dir
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "demo_style.toml"
+CONFIG = CONFIGS_DIR / "demo_style.toml"
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_BASE / "model_index.json").is_file(),
-                                reason="the bundled demo model (sample_data/demo-model) is missing")
+pytestmark = pytest.mark.slow  # trains 600 steps
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +28,7 @@ def trained_style(tmp_path_factory):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads() if threads > 1 else 2)))
     try:
         out = tmp_path_factory.mktemp("style")
-        cfg = TrainConfig.from_toml(CONFIG, [f"output_dir={out}", f"train_data_dir={REPO / 'sample_data/styles/outline'}",
-                                             "sample_every_n_steps=0", "save_every_n_steps=0"])
+        cfg = TrainConfig.from_toml(CONFIG, [f"output_dir={out}", "sample_every_n_steps=0", "save_every_n_steps=0"])
         result = train(cfg)
     finally:
         torch.set_num_threads(threads)
@@ -56,7 +52,7 @@ def test_style_rises_with_scale_and_content_is_kept(trained_style, artifacts_dir
     assert s0 < s05 < s1, rep.style_scores
     # A clear margin: at least a quarter of the way from the base to the style set's own score (the
     # outline metric is the hollow share of a shape, about 0.28 on the set itself and 0 on the base).
-    own = style_score([Image.open(p) for p in sorted((REPO / "sample_data/styles/outline").glob("*.png"))], "outline")
+    own = style_score([Image.open(p) for p in sorted(style_dir("outline").glob("*.png"))], "outline")
     assert s1 - s0 >= 0.25 * (own - s0), (rep.style_scores, own)
     assert rep.color_accuracy[2] >= 0.9 * rep.color_accuracy[0], rep.color_accuracy
     assert rep.shape_accuracy[2] >= 0.9 * rep.shape_accuracy[0], rep.shape_accuracy

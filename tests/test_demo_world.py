@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from sdlora.models.demo import metrics, styles, world
+from sdlora.resources import STYLES_DIR
 
-STYLES_DIR = Path(__file__).resolve().parents[1] / "sample_data" / "styles"
 
 
 def _pixels(images):

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from sdlora.resources import CONFIGS_DIR
 from sdlora.train.config import ConfigError, TrainConfig
 from sdlora.train.loop import train
 from sdlora.train.runs import RunDir
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "tiny.toml"
+CONFIG = CONFIGS_DIR / "tiny.toml"
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30), (200, 40, 200), (30, 200, 200)]
 
 

@@ -15,10 +15,10 @@ from torch import nn
 from sdlora.lora import LoraError, LoraFileError, LoraSpec, control, inject_adapters, inspect_file, load_lora, save_lora
 from sdlora.lora.formats.inspect import format_inspection
 from sdlora.models.tiny import build_tiny_pipeline
+from sdlora.resources import CONFIGS_DIR
 from sdlora.train.config import TrainConfig
 from sdlora.train.config import lora_spec
 
-REPO = Path(__file__).resolve().parent.parent
 FULL = dict(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, text_encoder=True)
 
 
@@ -197,7 +197,7 @@ def test_dora_file_layout_round_trip_and_clear_errors(tmp_path, tiny_pipe):
 
 @pytest.mark.parametrize("method", ["lora", "dora", "lora_fa"])
 def test_loraplus_b_group_lr_is_ratio_times_a(method, tiny_pipe, tmp_path):
-    cfg = TrainConfig.from_toml(REPO / "configs" / "tiny.toml", [f"train_data_dir={tmp_path}", f"network_type={method}", "loraplus_lr_ratio=16",
+    cfg = TrainConfig.from_toml(CONFIGS_DIR / "tiny.toml", [f"train_data_dir={tmp_path}", f"network_type={method}", "loraplus_lr_ratio=16",
                                                                   "learning_rate=1e-4", "text_encoder_lr=5e-5"])
     spec = lora_spec(cfg)
     assert spec.options == {"loraplus_lr_ratio": 16.0}

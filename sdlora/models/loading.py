@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..resources import DEMO_MODEL
 from .single_file import (
     FAMILY_NAMES,
     PREDICTION_TYPES,
@@ -55,7 +56,7 @@ __all__ = [
     "save_single_file",
 ]
 
-DEFAULT_BASE = Path(__file__).resolve().parents[2] / "sample_data" / "demo-model"
+DEFAULT_BASE = DEMO_MODEL
 """The bundled demo model (a diffusers folder), used when no base model is given."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -319,7 +320,7 @@ def load_base(
         if not (DEFAULT_BASE / "model_index.json").is_file():
             raise ModelLoadError(
                 f"The bundled demo model is missing: {DEFAULT_BASE} holds no model_index.json. Restore "
-                "sample_data/demo-model from the project, or pass a base model (a hub id, a diffusers "
+                "sdlora/sample_data/demo-model from the project, or pass a base model (a hub id, a diffusers "
                 "folder or a .safetensors file)."
             )
         pipe, family = _load_folder(DEFAULT_BASE, dtype)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..resources import resolve_config, resolve_data_dir
+
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -161,6 +163,11 @@ class TrainConfig:
             if key not in known:
                 raise ConfigError(key, f"unknown option. Known options: {', '.join(sorted(known))}")
             kwargs[key] = _coerce(key, value, hints[key])
+        if isinstance(kwargs.get("train_data_dir"), str):
+            try:  # "style:NAME" names a bundled style set
+                kwargs["train_data_dir"] = resolve_data_dir(kwargs["train_data_dir"])
+            except FileNotFoundError as e:
+                raise ConfigError("train_data_dir", str(e)) from None
         cfg = cls(**kwargs)
         if validate:
             cfg.validate()
@@ -172,9 +179,10 @@ class TrainConfig:
         """Read a TOML file (optional) and apply ``key=value`` overrides, then validate."""
         data: dict[str, Any] = {}
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError("config", f"file not found: {p}")
+            try:
+                p = resolve_config(path)  # a file, or a bundled config by name (sdlora/configs)
+            except FileNotFoundError as e:
+                raise ConfigError("config", str(e)) from None
             try:
                 data = _flatten(tomllib.loads(p.read_text(encoding="utf-8")))
             except tomllib.TOMLDecodeError as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..data import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
 from ..paths import atomic_path, atomic_write_text, inside, safe_name
+from ..resources import STYLES_DIR
 from .errors import UIError
 
 DATASETS_DIRNAME = "_datasets"
@@ -34,12 +35,8 @@ _COPY_CHUNK = 1 << 20
 _REPEATS = re.compile(r"^\d+_.+")
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent.parent
-
-
 def bundled_styles_dir() -> Path:
-    return repo_root() / "sample_data" / "styles"
+    return STYLES_DIR
 
 
 @dataclass

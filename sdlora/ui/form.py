@@ -14,6 +14,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..resources import CONFIGS_DIR
 from ..train.config import ConfigError, TrainConfig
 
 #: Options the page sets itself (from lists and the dataset tab), never typed in as text.
@@ -177,7 +178,7 @@ def settings_from_form(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def configs_dir() -> Path:
-    return Path(__file__).resolve().parent.parent.parent / "configs"
+    return CONFIGS_DIR
 
 
 def preset_values(preset: str) -> dict[str, Any]:

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ...resources import STYLES_DIR
 from . import world
 
-#: Default folder of the style sets, relative to the repository root.
-DEFAULT_ROOT = Path(__file__).resolve().parents[3] / "sample_data" / "styles"
+#: Default folder of the style sets: the bundled ones.
+DEFAULT_ROOT = STYLES_DIR
 DEFAULT_COUNT = 16
 DEFAULT_SEED = 7
 
