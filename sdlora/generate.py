@@ -87,7 +87,8 @@ class _Entry:
 class Previewer:
     """Generate previews from one loaded pipeline with any mix of adapters at any scale.
 
-    ``pipe`` is a diffusers ``StableDiffusionPipeline``, an object with a ``.pipe`` attribute (such
+    ``pipe`` is a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (the same
+    calls, the second text encoder included), an object with a ``.pipe`` attribute (such
     as ``sdlora.models.loading.BaseModel``), or a base-model spec for ``load_base`` (a hub id, a
     diffusers folder, a single file, "tiny"; None = the bundled demo model). The effective
     multiplier of adapter ``n`` is ``scale * weight[n]``; ``scale`` 0 gives the base model
@@ -133,8 +134,13 @@ class Previewer:
         return self.pipe.text_encoder
 
     @property
+    def text_encoder_2(self) -> nn.Module | None:
+        """SDXL's second text encoder (None for SD 1.x/2.x)."""
+        return getattr(self.pipe, "text_encoder_2", None)
+
+    @property
     def _models(self) -> list[nn.Module]:
-        return [self.pipe.unet, self.pipe.text_encoder]
+        return [m for m in (self.pipe.unet, self.pipe.text_encoder, self.text_encoder_2) if m is not None]
 
     def _layers(self) -> control.LayerSet:
         if self._layerset is None:
@@ -172,7 +178,8 @@ class Previewer:
             raise LoraError(f"An adapter named {name!r} is already loaded; pick another name.")
         if self._merged:
             raise LoraError("Unmerge before loading another LoRA (merged weights would be changed).")
-        adapter, report = load_lora(path, self.unet, self.text_encoder, name, strict=strict, taken_names=taken)
+        extra = {"text_encoder_2": self.text_encoder_2} if self.text_encoder_2 is not None else {}
+        adapter, report = load_lora(path, self.unet, self.text_encoder, name, strict=strict, taken_names=taken, **extra)
         self._layerset = None
         self._entries[adapter.name] = _Entry(float(weight), True)
         self.reports[adapter.name] = report

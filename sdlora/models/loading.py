@@ -89,6 +89,24 @@ class BaseModel:
     def tokenizer(self):
         return self.pipe.tokenizer
 
+    @property
+    def text_encoder_2(self):
+        """SDXL's second text encoder (``CLIPTextModelWithProjection``); None for SD 1.x/2.x."""
+        return getattr(self.pipe, "text_encoder_2", None)
+
+    @property
+    def tokenizer_2(self):
+        return getattr(self.pipe, "tokenizer_2", None)
+
+    @property
+    def text_encoders(self) -> tuple:
+        """Every text encoder, in the family's order (one for SD 1.x/2.x, two for SDXL)."""
+        return tuple(m for m in (self.text_encoder, self.text_encoder_2) if m is not None)
+
+    @property
+    def tokenizers(self) -> tuple:
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+
     @cached_property
     def noise_scheduler(self) -> DDPMScheduler:
         """A ``DDPMScheduler`` for training, from the pipeline's scheduler config (no clipping)."""

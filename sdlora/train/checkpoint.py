@@ -69,6 +69,17 @@ def restore_adapter(path: Path, adapter) -> dict[str, Any]:
     return state
 
 
+def inject_run_adapter(cfg, base):
+    """A fresh adapter with the run's settings in ``base``: the UNet, and every text encoder of the
+    family (one for SD 1.x/2.x, two for SDXL) when the run trains them."""
+    from ..lora.inject import inject_adapters
+    from .config import lora_spec
+
+    encoders = tuple(base.text_encoders) if cfg.train_text_encoder else ()
+    extra = {"text_encoder_2": encoders[1]} if len(encoders) > 1 else {}
+    return inject_adapters(base.unet, encoders[0] if encoders else None, lora_spec(cfg), **extra)
+
+
 def load_run_adapter(run_dir: str | Path, *, step: int | None = None, base: Any = None):
     """(base model, adapter) of a run: its base model with the adapter of checkpoint ``step``
     (default: the latest) in it, restored the way a resumed run restores it (any method), frozen.
@@ -76,9 +87,7 @@ def load_run_adapter(run_dir: str | Path, *, step: int | None = None, base: Any 
     ``base`` may be a loaded ``BaseModel`` to put the adapter into (default: load the run's base).
     """
     from ..lora.errors import LoraError
-    from ..lora.inject import inject_adapters
     from ..models.loading import load_base
-    from .config import lora_spec
     from .runs import RunDir
 
     run = RunDir(run_dir)
@@ -91,7 +100,7 @@ def load_run_adapter(run_dir: str | Path, *, step: int | None = None, base: Any 
     cfg = run.load_config()
     if base is None:
         base = load_base(cfg.pretrained_model_name_or_path)
-    adapter = inject_adapters(base.unet, base.text_encoder if cfg.train_text_encoder else None, lora_spec(cfg))
+    adapter = inject_run_adapter(cfg, base)
     restore_adapter(checkpoint, adapter)
     for p in adapter.parameters():
         p.requires_grad_(False)

@@ -106,7 +106,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, section="optimizer", min=1, help="Micro-batches per optimizer step.")
     learning_rate: float = _f(1e-4, group="main", section="optimizer", min=0.0, help="Base learning rate (UNet unless unet_lr is set).")
     unet_lr: float = _f(0.0, section="optimizer", min=0.0, help="UNet learning rate (0 = learning_rate).")
-    text_encoder_lr: float = _f(5e-5, group="main", section="optimizer", min=0.0, help="Text-encoder learning rate.")
+    text_encoder_lr: float = _f(5e-5, group="main", section="optimizer", min=0.0,
+                                help="Text-encoder learning rate (SDXL: both encoders unless text_encoder_2_lr is set).")
+    text_encoder_2_lr: float = _f(0.0, section="optimizer", min=0.0,
+                                  help="SDXL only: learning rate of text encoder 2, OpenCLIP bigG (0 = text_encoder_lr).")
     optimizer_type: str = _f("AdamW", section="optimizer", choices=OPTIMIZERS, help="AdamW, AdamW8bit (CUDA) or Prodigy.")
     optimizer_args: dict = _f(factory=dict, section="optimizer", ui=False, help="Extra optimizer keyword arguments (TOML table).")
     weight_decay: float = _f(1e-2, section="optimizer", min=0.0, help="Weight decay.")
@@ -317,3 +320,9 @@ def lora_spec(cfg: TrainConfig):
                     text_encoder=cfg.train_text_encoder, text_encoder_rank=cfg.text_encoder_dim or None,
                     text_encoder_alpha=cfg.text_encoder_alpha or None, dropout=cfg.network_dropout,
                     rslora=cfg.use_rslora, options=options)
+
+
+def learning_rates(cfg: TrainConfig) -> dict[str, float | None]:
+    """The adapter's learning rates by part (keyword arguments of ``LoraAdapter.param_groups``)."""
+    return {"unet_lr": cfg.effective_unet_lr, "text_encoder_lr": cfg.text_encoder_lr,
+            "text_encoder_2_lr": cfg.text_encoder_2_lr or None}

@@ -28,6 +28,7 @@ from ..data import (
 )
 from ..data.scan import DatasetItem, DatasetScan
 from ..paths import atomic_path, safe_name
+from .conditioning import Conditioner, TextConditioning, time_ids
 from .config import ConfigError, TrainConfig
 from .events import EventLog, Message, Sample, Warning_
 
@@ -66,10 +67,11 @@ def preflight(cfg: TrainConfig) -> DatasetScan:
 class Batch:
     latents: torch.Tensor
     captions: list[str]
-    text_embeddings: torch.Tensor | None
+    text: TextConditioning | None    # cached text-encoder outputs (frozen encoders), else None
     is_prior: torch.Tensor | None
     position: tuple[int, int] | None
     sample_ids: list[int]
+    time_ids: torch.Tensor           # B x 6: original size, crop top-left, target size of each sample (SDXL)
 
 
 class TrainData:
@@ -80,6 +82,7 @@ class TrainData:
                  log: EventLog, cache_dir: Path | None):
         self.cfg = cfg
         self.base = base
+        self.conditioner = Conditioner(base)
         self.scan = scan
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.device = accelerator.device
@@ -105,7 +108,7 @@ class TrainData:
 
     def _cached(self, dataset, cache_text: bool, key: str, cache_dir: Path | None, log: EventLog, what: str):
         encode_image = _vae_encoder(self.base) if self.cfg.cache_latents else None
-        encode_text = _text_encoder(self.base) if cache_text else None
+        encode_text = _text_encoder(self.conditioner) if cache_text else None
         if encode_image is None and encode_text is None:
             return dataset
         cached = CachedDataset(dataset, encode_image=encode_image, encode_text=encode_text, cache_dir=cache_dir,
@@ -145,22 +148,27 @@ class TrainData:
         self.position = (mine[0].epoch, mine[0].batch)
         latents = batch["latents"] if "latents" in batch else self._encode_pixels(batch["pixel_values"])
         captions = list(batch["captions"])
-        text = batch.get("text_embeddings")
+        text = _cached_text(batch.get("text_embeddings"))
+        ids = time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
         is_prior = None
         if self.class_source is not None:
-            c_latents, c_captions, c_text = self._class_batch(latents.shape, len(mine))
+            c_latents, c_captions, c_text, c_ids = self._class_batch(latents.shape, len(mine))
             latents = torch.cat([latents, c_latents])
             captions += c_captions
+            ids = torch.cat([ids, c_ids])
             if text is not None and c_text is not None:
-                text = torch.cat([text, c_text])
+                pooled = None if text.pooled is None else torch.cat([text.pooled, c_text.pooled])
+                text = TextConditioning(torch.cat([text.hidden, c_text.hidden]), pooled)
+            else:
+                text = None
             is_prior = torch.tensor([False] * len(mine) + [True] * len(c_captions), device=self.device)
             sample_ids += [i + 1 for i in sample_ids]  # odd ids: the class images
         return Batch(latents.to(self.device), captions, text.to(self.device) if text is not None else None, is_prior,
-                     self.position, sample_ids)
+                     self.position, sample_ids, ids.to(self.device))
 
     def _class_batch(self, shape, n: int):
         """``n`` class images in the same bucket as the instance batch (cycled in a fixed order)."""
-        latents, caps, texts = [], [], []
+        latents, caps, texts, sizes = [], [], [], []
         candidates = list(range(len(self.class_buckets)))
         tried = 0
         while len(latents) < n and tried < len(candidates) * 2:
@@ -174,24 +182,34 @@ class TrainData:
             latents.append(lat)
             caps.append(s["caption"])
             texts.append(s.get("text_embeddings"))
+            sizes.append((s["original_size"], s["crop_top_left"], s["target_size"]))
         if len(latents) < n:
             raise ConfigError("class_data_dir", f"no class image fits the training bucket {tuple(shape[2:])} latents; "
                               "use images of the same aspect ratio or enable_bucket=false")
-        text = torch.stack(texts) if texts and texts[0] is not None else None
-        return torch.stack(latents), caps, text
+        text = None
+        if texts and texts[0] is not None:
+            parts = [TextConditioning.from_cache(t) for t in texts]
+            text = TextConditioning(torch.stack([p.hidden for p in parts]),
+                                    None if parts[0].pooled is None else torch.stack([p.pooled for p in parts]))
+        ids = time_ids(*zip(*sizes))
+        return torch.stack(latents), caps, text, ids
 
     @torch.no_grad()
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return _vae_encoder(self.base)(pixels)
 
-    def encode_prompts(self, batch: Batch, text_encoder) -> torch.Tensor:
-        if batch.text_embeddings is not None:
-            return batch.text_embeddings
-        ids = tokenize(self.base.tokenizer, batch.captions).to(self.device)
+    def encode_prompts(self, batch: Batch, text_encoders) -> TextConditioning:
+        """The batch's text conditioning: cached, or encoded now by ``text_encoders`` (trained or not)."""
+        if batch.text is not None:
+            return batch.text
         if self.cfg.train_text_encoder:
-            return text_encoder(ids, return_dict=False)[0]
+            return self.conditioner.encode(batch.captions, text_encoders)
         with torch.no_grad():
-            return text_encoder(ids, return_dict=False)[0]
+            return self.conditioner.encode(batch.captions, text_encoders)
+
+    def unet_kwargs(self, batch: Batch, text: TextConditioning) -> dict[str, Any]:
+        """The UNet's conditioning arguments for ``batch`` (SDXL adds the pooled embedding and time ids)."""
+        return self.conditioner.unet_kwargs(text, batch.time_ids)
 
     # ---- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -209,11 +227,6 @@ class TrainData:
         self._iter = iter(())
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 def _vae_encoder(base):
     vae = base.vae
     factor = vae.config.scaling_factor
@@ -228,14 +241,19 @@ def _vae_encoder(base):
     return encode
 
 
-def _text_encoder(base):
-    te, tok = base.text_encoder, base.tokenizer
+def _text_encoder(conditioner: Conditioner):
+    """The text cache's encoder: frozen encoders' outputs in fp32 on the CPU (a dict for SDXL)."""
 
     @torch.no_grad()
-    def encode(captions: list[str]) -> torch.Tensor:
-        return te(tokenize(tok, captions).to(te.device), return_dict=False)[0].float().cpu()
+    def encode(captions: list[str]):
+        out = conditioner.encode(captions).to("cpu", torch.float32)
+        return out.as_cache()
 
     return encode
+
+
+def _cached_text(value) -> TextConditioning | None:
+    return None if value is None else TextConditioning.from_cache(value)
 
 
 def build(cfg: TrainConfig, base, class_items: list[DatasetItem], accelerator, log: EventLog, run_dir: Path) -> TrainData:

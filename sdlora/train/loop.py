@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
-from .config import ConfigError, TrainConfig, lora_spec
+from .checkpoint import inject_run_adapter, load_checkpoint, prune_checkpoints, save_checkpoint
+from .config import ConfigError, TrainConfig, learning_rates
 from .export import save_dtype, save_facts, write_run_lora
 from .events import Callback, Checkpoint, Done, EventLog, Failed, Message, Start, Step, Stopped, Warning_
 from .perf import count_flops, matmul_peak_flops, resolve_precision
@@ -157,7 +157,6 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
            resumed: bool) -> TrainResult:
     from diffusers.optimization import get_scheduler
 
-    from ..lora import inject_adapters
     from ..models.loading import load_base
     from . import data_glue
 
@@ -171,10 +170,14 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
 
     log.emit(Message(f"loading base model {cfg.pretrained_model_name_or_path}"))
     base = load_base(cfg.pretrained_model_name_or_path, dtype=weight_dtype, device=str(accelerator.device))
-    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
-    for m in (unet, vae, text_encoder):
+    unet, vae = base.unet, base.vae
+    text_encoders = tuple(base.text_encoders)  # (CLIP) for SD 1.x/2.x; (CLIP ViT-L, OpenCLIP bigG) for SDXL
+    for m in (unet, vae, *text_encoders):
         m.requires_grad_(False)
         m.eval()
+    if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # the SDXL VAE overflows in fp16: it encodes in fp32 (latents are cached once)
+        log.emit(Message("the VAE runs in fp32: it overflows in fp16"))
     noise_scheduler = base.noise_scheduler
 
     # Class images are made with the plain base model, before adapters exist.
@@ -185,16 +188,16 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     # Caching runs the frozen VAE / text encoder once, before adapters exist.
     data = data_glue.build(cfg, base, class_items, accelerator, log, run.path)
 
-    adapter = inject_adapters(unet, text_encoder if cfg.train_text_encoder else None, lora_spec(cfg))
+    adapter = inject_run_adapter(cfg, base)
+    trained_encoders = text_encoders if cfg.train_text_encoder else ()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        for te in trained_encoders:
+            te.gradient_checkpointing_enable()
     for m in adapter.models:
         m.train()
-    prepare_for_training(unet, text_encoder if cfg.train_text_encoder else None, accelerator.device)
-    param_groups = adapter.param_groups(unet_lr=cfg.effective_unet_lr, text_encoder_lr=cfg.text_encoder_lr,
-                                        weight_decay=cfg.weight_decay)
+    prepare_for_training(unet, trained_encoders, accelerator.device)
+    param_groups = adapter.param_groups(**learning_rates(cfg), weight_decay=cfg.weight_decay)
     # Trained weights stay fp32 even when the frozen base runs in fp16/bf16 (mixed precision).
     for g in param_groups:
         for p in g["params"]:
@@ -218,7 +221,8 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     # optimizer step, so it does not depend on the number of processes.
     multi = accelerator.num_processes > 1
     train_unet = accelerator.prepare(unet) if multi else unet
-    train_te = accelerator.prepare(text_encoder) if multi and cfg.train_text_encoder else text_encoder
+    train_tes = tuple(accelerator.prepare(te) for te in text_encoders) if multi and cfg.train_text_encoder \
+        else text_encoders
     optimizer = accelerator.prepare(optimizer)
 
     if cfg.log_with:
@@ -231,13 +235,14 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         run.write_status("running", "training", step=start_step, total_steps=cfg.max_train_steps)
 
     def micro_step(batch) -> Any:
-        hidden = data.encode_prompts(batch, train_te)
+        cond = data.unet_kwargs(batch, data.encode_prompts(batch, train_tes))
         noise, timesteps = sample_noise(batch.latents, batch.sample_ids, cfg.seed,
                                         noise_scheduler.config.num_train_timesteps, cfg.noise_offset)
         with accelerator.autocast():
-            out = diffusion_loss(train_unet, batch.latents, hidden, noise_scheduler, noise=noise, timesteps=timesteps,
-                                 min_snr_gamma=cfg.min_snr_gamma, is_prior=batch.is_prior,
-                                 prior_loss_weight=cfg.prior_loss_weight)
+            out = diffusion_loss(train_unet, batch.latents, cond["encoder_hidden_states"], noise_scheduler,
+                                 noise=noise, timesteps=timesteps, min_snr_gamma=cfg.min_snr_gamma,
+                                 is_prior=batch.is_prior, prior_loss_weight=cfg.prior_loss_weight,
+                                 added_cond_kwargs=cond.get("added_cond_kwargs"))
         accelerator.backward(out.loss)
         return out
 

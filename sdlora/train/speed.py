@@ -114,7 +114,8 @@ class SpeedReport:
                 + "".join(f"; {n}" for n in self.notes))
 
 
-def prepare_for_training(unet: nn.Module, text_encoder: nn.Module | None, device: torch.device | str,
+def prepare_for_training(unet: nn.Module, text_encoder: nn.Module | tuple[nn.Module, ...] | None,
+                         device: torch.device | str,
                          options: SpeedOptions | None = None) -> SpeedReport:
     """Apply the measured speed settings to the models (in place) and say what was done.
 
@@ -127,7 +128,8 @@ def prepare_for_training(unet: nn.Module, text_encoder: nn.Module | None, device
     report = SpeedReport(device=dev)
     if dev != "cpu":
         return report
-    models = [m for m in (unet, text_encoder) if m is not None]
+    encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else (text_encoder,)
+    models = [m for m in (unet, *encoders) if m is not None]
     report.memory = options.memory
     if options.memory == "auto":
         report.memory = "low" if getattr(unet, "is_gradient_checkpointing", False) else "speed"

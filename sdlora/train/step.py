@@ -41,14 +41,17 @@ def sample_noise(latents: torch.Tensor, sample_ids: list[int], seed: int, num_tr
 
 def diffusion_loss(unet, latents: torch.Tensor, encoder_hidden_states: torch.Tensor, noise_scheduler, *,
                    noise: torch.Tensor, timesteps: torch.Tensor, min_snr_gamma: float = 0.0,
-                   is_prior: torch.Tensor | None = None, prior_loss_weight: float = 1.0) -> StepLoss:
+                   is_prior: torch.Tensor | None = None, prior_loss_weight: float = 1.0,
+                   added_cond_kwargs: dict | None = None) -> StepLoss:
     """Loss of one batch (``noise``/``timesteps`` from :func:`sample_noise`).
 
-    ``is_prior`` marks class images (bool per sample) for prior preservation.
+    ``is_prior`` marks class images (bool per sample) for prior preservation. ``added_cond_kwargs``
+    is SDXL's extra conditioning (pooled text embedding and time ids; see ``conditioning.py``).
     """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
 
-    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+    extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
+    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False, **extra)[0]
 
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
