@@ -167,9 +167,9 @@ def test_original_layout_names_are_read(sd15):
     assert set(weights.text_encoder) == {"encoder.layers.3.mlp.fc1"}
     assert weights.text_encoder["encoder.layers.3.mlp.fc1"].alpha == 2.0  # no alpha key: alpha = rank
     # Every adaptable SD 1.5 layer has exactly one LDM name (no two layers share one).
-    from sdlora.lora.formats.ldm import ldm_paths
+    from sdlora.models.unet_names import original_module_paths
 
-    ldm = ldm_paths(unet)
+    ldm = original_module_paths(unet)
     assert len(set(ldm.values())) == len(ldm)
     planned = plan_targets(unet, "unet", LoraSpec(preset="full", rank=4))
     assert all(t.canonical in ldm for t in planned.modules)

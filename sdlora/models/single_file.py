@@ -609,14 +609,6 @@ def load_single_file(
 # Diffusers -> original (saving); written here, see the module docstring
 # ---------------------------------------------------------------------------------------------
 
-_UNET_RESNET_NAMES = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
 _VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -629,49 +621,6 @@ def _int_layers(config: Mapping[str, Any], name: str) -> int:
     if not isinstance(value, int):
         raise ValueError(f"{name}: layers_per_block={value!r} per block is not a Stable Diffusion 1.x/2.x layout")
     return value
-
-
-def _unet_prefix_map(config: Mapping[str, Any]) -> _PrefixMap:
-    """Diffusers UNet module prefixes -> LDM ``input_blocks`` / ``middle_block`` / ``output_blocks``."""
-    for key in ("addition_embed_type", "class_embed_type"):
-        if config.get(key):
-            raise ValueError(f"UNet has {key}={config[key]!r}: not a Stable Diffusion 1.x/2.x UNet")
-    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") not in (None, "UNetMidBlock2DCrossAttn"):
-        raise ValueError(f"UNet mid block {config['mid_block_type']!r} is not a Stable Diffusion 1.x/2.x layout")
-    layers = _int_layers(config, "UNet")
-    m: _PrefixMap = {
-        "time_embedding.linear_1.": ("time_embed.0.", {}),
-        "time_embedding.linear_2.": ("time_embed.2.", {}),
-        "conv_in.": ("input_blocks.0.0.", {}),
-        "conv_norm_out.": ("out.0.", {}),
-        "conv_out.": ("out.2.", {}),
-        "mid_block.resnets.0.": ("middle_block.0.", _UNET_RESNET_NAMES),
-        "mid_block.attentions.0.": ("middle_block.1.", {}),
-        "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET_NAMES),
-    }
-    down = list(config["down_block_types"])
-    index = 1
-    for b, kind in enumerate(down):
-        for j in range(layers):
-            m[f"down_blocks.{b}.resnets.{j}."] = (f"input_blocks.{index}.0.", _UNET_RESNET_NAMES)
-            if kind.startswith("CrossAttn"):
-                m[f"down_blocks.{b}.attentions.{j}."] = (f"input_blocks.{index}.1.", {})
-            index += 1
-        if b < len(down) - 1:
-            m[f"down_blocks.{b}.downsamplers.0."] = (f"input_blocks.{index}.0.op.", {"conv": ""})
-            index += 1
-    up = list(config["up_block_types"])
-    index = 0
-    for b, kind in enumerate(up):
-        cross = kind.startswith("CrossAttn")
-        for j in range(layers + 1):
-            m[f"up_blocks.{b}.resnets.{j}."] = (f"output_blocks.{index}.0.", _UNET_RESNET_NAMES)
-            if cross:
-                m[f"up_blocks.{b}.attentions.{j}."] = (f"output_blocks.{index}.1.", {})
-            if j == layers and b < len(up) - 1:
-                m[f"up_blocks.{b}.upsamplers.0."] = (f"output_blocks.{index}.{2 if cross else 1}.", {})
-            index += 1
-    return m
 
 
 def _vae_prefix_map(config: Mapping[str, Any]) -> _PrefixMap:
@@ -720,8 +669,9 @@ def _map_key(key: str, prefixes: _PrefixMap, what: str) -> str:
 
 
 def _unet_to_original(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    prefixes = _unet_prefix_map(config)
-    return {UNET_PREFIX + _map_key(k, prefixes, "UNet"): v for k, v in state.items()}
+    from .unet_names import to_original_state_dict
+
+    return to_original_state_dict(state, config, UNET_PREFIX)
 
 
 def _vae_to_original(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:

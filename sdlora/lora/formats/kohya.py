@@ -26,7 +26,7 @@ from torch import nn
 
 from ..targets import Component, iter_adaptable
 from ..weights import LoraWeights, ModuleLora
-from .ldm import ldm_paths
+from ...models.unet_names import original_module_paths
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_text_model_"
@@ -91,7 +91,8 @@ def name_index(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[s
     if unet is not None:
         for _, canonical, _ in iter_adaptable(unet, "unet"):
             index[module_name("unet", canonical)] = ("unet", canonical)
-        for canonical, ldm in ldm_paths(unet).items():
+        adaptable = [canonical for _, canonical, _ in iter_adaptable(unet, "unet")]
+        for canonical, ldm in original_module_paths(unet, adaptable).items():
             index.setdefault(UNET_PREFIX + ldm.replace(".", "_"), ("unet", canonical))
     if text_encoder is not None:
         for _, canonical, _ in iter_adaptable(text_encoder, "text_encoder"):
