@@ -20,7 +20,9 @@ from torch import nn
 from . import control
 from .errors import LoraError, LoraShapeMismatchError
 from .spec import LoraSpec
-from .targets import COMPONENTS, Component, TargetModule, TargetPlan, canonical_path, plan_from_shapes, plan_targets
+from .targets import (
+    COMPONENTS, Component, TargetModule, TargetPlan, canonical_path, plan_from_shapes, plan_targets, unet_layout,
+)
 from .variants import AdapterMethod, adapter_parameters, get_method
 from .weights import LoraWeights, ModuleLora
 
@@ -164,6 +166,7 @@ class LoraAdapter:
             "network_module": self.method.kohya_network_module,
             "network_args": self.method.network_args(self.spec),
             "dropout": self.spec.dropout,
+            "unet_layout": unet_layout(self.unet),
         }
 
     # Runtime controls -----------------------------------------------------------------------------

@@ -210,6 +210,22 @@ def iter_adaptable(model: nn.Module, component: Component) -> Iterable[tuple[str
             yield path, canonical_path(component, path), module
 
 
+#: the fields of a UNet config that decide its original-layout (LDM/SGM) block numbering
+LAYOUT_KEYS = ("layers_per_block", "down_block_types", "up_block_types")
+
+
+def unet_layout(unet: nn.Module | None) -> dict[str, object] | None:
+    """The config fields of ``unet`` its original-layout module names depend on (recorded in
+    ``LoraWeights.info["unet_layout"]`` so that a file writer can name SDXL layers), or None."""
+    config = getattr(unet, "config", None)
+    if config is None:
+        return None
+    layout = {k: (config.get(k) if isinstance(config, dict) else getattr(config, k, None)) for k in LAYOUT_KEYS}
+    if any(v is None for v in layout.values()):
+        return None
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in layout.items()}
+
+
 def plan_targets(model: nn.Module, component: Component, spec: LoraSpec) -> TargetPlan:
     """Resolve ``spec.preset`` on ``model`` and give each matched layer its rank and alpha.
 

@@ -2,13 +2,16 @@
 
 Public API::
 
-    save_lora(weights_or_adapter, path, format="kohya", metadata=..., family=..., dtype=...)
+    save_lora(weights_or_adapter, path, format="kohya", metadata=..., family=..., resolution=..., dtype=...)
     read_lora_file(path) -> LoraFile
-    match_to_model(lora_file, unet, text_encoder) -> (LoraWeights, unknown_keys)
-    load_lora(path, unet, text_encoder, adapter_name=None) -> (LoraAdapter, LoadReport)
-    convert_lora_file(src, dst, to=..., unet=..., text_encoder=...)
-    export_from(run_dir_or_file, fmt=..., out=..., step=..., rank=...) -> Path
+    match_to_model(lora_file, unet, text_encoder, text_encoder_2=None) -> (LoraWeights, unknown_keys)
+    load_lora(path, unet, text_encoder, adapter_name=None, text_encoder_2=None) -> (LoraAdapter, LoadReport)
+    convert_lora_file(src, dst, to=..., unet=..., text_encoder=..., text_encoder_2=...)
+    export_from(lora_file, fmt=..., out=..., rank=...) -> Path
     inspect_file(path) -> dict ; format_inspection(info) -> str
+
+``family`` ("sd1", "sd2", "sdxl") decides the kohya names and metadata; SDXL weights carry a second
+text encoder (``text_encoder_2``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import nn
 
 from ..errors import LoraFileError, LoraShapeMismatchError
 from ..inject import LoraAdapter, apply_weights, safe_adapter_name
-from ..targets import Component, base_layer, describe_layer, iter_adaptable, model_path
+from ..targets import COMPONENTS, Component, base_layer, describe_layer, iter_adaptable, model_path
 from ..weights import LoraWeights, ModuleLora
 from . import diffusers_format, kohya
 from .inspect import detect_format, file_entries, format_inspection, guess_family, inspect_file
@@ -90,6 +93,7 @@ def save_lora(
     prediction_type: str = "epsilon",
     title: str | None = None,
     dtype: str | torch.dtype = "fp16",
+    resolution: int | tuple[int, int] | str | None = None,
 ) -> Path:
     """Write a LoRA file atomically and return its path.
 
@@ -97,20 +101,30 @@ def save_lora(
     (``metadata`` adds or overrides entries: training facts only the caller knows).
     ``format="diffusers"``: the layout ``pipeline.load_lora_weights`` reads; a folder ``path``
     gets ``pytorch_lora_weights.safetensors`` inside it.
-    ``family``/``prediction_type`` describe the base model ("sd1"/"sd2", "epsilon"/"v_prediction").
+    ``family``/``prediction_type`` describe the base model ("sd1"/"sd2"/"sdxl",
+    "epsilon"/"v_prediction"); the family decides the kohya names (SDXL: original-layout UNet
+    names, ``lora_te1_``/``lora_te2_``). ``resolution`` is the training resolution written to
+    ``modelspec.resolution`` (default: ``metadata``'s ``ss_resolution``, else the family's size).
     """
     weights = source.export() if isinstance(source, LoraAdapter) else source
     if not len(weights):
         raise LoraFileError("Nothing to save: the adapter has no layers.")
+    if family not in kohya.FAMILIES:
+        raise LoraFileError(f"Unknown model family {family!r}; use one of {', '.join(kohya.FAMILIES)}.")
+    if weights.text_encoder_2 and family != "sdxl":
+        raise LoraFileError(
+            f"These weights adapt a second text encoder (text_encoder_2), which only SDXL has; save them with "
+            f"family='sdxl' (got {family!r})."
+        )
     torch_dtype = _dtype(dtype)
     target = Path(path).expanduser()
     if format == "kohya":
         if target.suffix.lower() != ".safetensors":
             raise LoraFileError(f"kohya LoRA files end in .safetensors; got {target}.")
-        tensors = kohya.to_state_dict(weights, torch_dtype)
+        tensors = kohya.to_state_dict(weights, torch_dtype, family)
         meta = kohya.build_metadata(
             weights, tensors, family=family, prediction_type=prediction_type,
-            title=title or target.stem, extra=metadata,
+            title=title or target.stem, extra=metadata, resolution=resolution,
         )
     elif format == "diffusers":
         if any(m.dora_scale is not None for _, _, m in weights.items()):
@@ -163,7 +177,7 @@ def _expected(role: str, kind: str, fan_in: int, fan_out: int, kernel: tuple[int
     return [(fan_out, rank, 1, 1), (fan_out, rank)]
 
 
-def _base_label(unet: nn.Module | None, text_encoder: nn.Module | None) -> str:
+def _base_label(unet: nn.Module | None, text_encoder: nn.Module | None = None) -> str:
     cross = None
     if unet is not None and hasattr(unet, "config"):
         cross = unet.config.get("cross_attention_dim") if isinstance(unet.config, dict) else None
@@ -221,21 +235,25 @@ def _dora_scale(
 
 
 def match_to_model(
-    file: LoraFile, unet: nn.Module | None, text_encoder: nn.Module | None
+    file: LoraFile, unet: nn.Module | None, text_encoder: nn.Module | None,
+    text_encoder_2: nn.Module | None = None,
 ) -> tuple[LoraWeights, list[str]]:
     """Place every module of ``file`` on a layer of the given models and check its shapes.
+
+    ``text_encoder_2`` is SDXL's second text encoder (``lora_te2_…`` / ``text_encoder_2.…`` keys);
+    without it those keys are unknown.
 
     Returns the weights and the keys that match no layer (``unknown`` keys: reported by callers,
     never applied). Raises :class:`LoraShapeMismatchError` naming the first key (in key order) whose
     shape does not fit, and :class:`LoraFileError` for modules of methods that cannot be applied
     as plain LoRA (LoHa, LoKr, ...), incomplete modules, or a file with no matching key at all.
     """
-    models: dict[Component, nn.Module | None] = {"unet": unet, "text_encoder": text_encoder}
+    models: dict[Component, nn.Module | None] = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     # Group tensors by module: {(component, canonical): {role: (key, tensor)}}
     grouped: dict[tuple[Component, str], dict[str, tuple[str, torch.Tensor]]] = {}
     unknown: list[str] = []
     if file.format == "kohya":
-        index = kohya.name_index(unet, text_encoder)
+        index = kohya.name_index(unet, text_encoder, text_encoder_2)
         for key in sorted(file.tensors):
             name, suffix = kohya.split_key(key)
             other = kohya.other_method(suffix)
@@ -263,8 +281,12 @@ def match_to_model(
             component, canonical, role = split
             grouped.setdefault((component, canonical), {})[role] = (key, file.tensors[key])
 
-    weights = LoraWeights(method="lora", info={"source": str(file.path)})
-    diffusers_ranks: dict[Component, dict[str, int]] = {"unet": {}, "text_encoder": {}}
+    info: dict[str, Any] = {"source": str(file.path)}
+    layout = kohya.unet_layout(unet)
+    if layout is not None:
+        info["unet_layout"] = layout
+    weights = LoraWeights(method="lora", info=info)
+    diffusers_ranks: dict[Component, dict[str, int]] = {c: {} for c in COMPONENTS}
     for (component, canonical), parts in sorted(grouped.items(), key=lambda kv: min(k for k, _ in kv[1].values())):
         if "dora_scale" in parts and file.format != "kohya":
             raise LoraFileError(
@@ -330,14 +352,16 @@ def load_lora(
     *,
     strict: bool = False,
     taken_names: set[str] | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> tuple[LoraAdapter, LoadReport]:
     """Read a LoRA file (any supported layout) and add it to the models as a new adapter.
 
-    Keys matching no layer are listed in the report and raised as :class:`UnknownKeysWarning`
-    (an error with ``strict=True``). The adapter starts active at scale 1.
+    ``text_encoder_2`` is SDXL's second text encoder. Keys matching no layer are listed in the
+    report and raised as :class:`UnknownKeysWarning` (an error with ``strict=True``). The adapter
+    starts active at scale 1.
     """
     file = read_lora_file(path)
-    weights, unknown = match_to_model(file, unet, text_encoder)
+    weights, unknown = match_to_model(file, unet, text_encoder, text_encoder_2)
     if unknown and strict:
         raise LoraFileError(
             f"{file.path}: {len(unknown)} key(s) match no layer of the loaded base model, e.g. {unknown[:3]}."
@@ -348,7 +372,7 @@ def load_lora(
         raise LoraFileError(
             f"{file.path} mixes DoRA modules (with dora_scale) and plain LoRA modules; such files are not applied here."
         )
-    adapter = apply_weights(unet, text_encoder, weights, name)
+    adapter = apply_weights(unet, text_encoder, weights, name, text_encoder_2=text_encoder_2)
     if any(dora):
         from ..variants.dora import apply_dora_scales
 
@@ -358,7 +382,7 @@ def load_lora(
         path=str(file.path),
         format=file.format,
         adapter_name=name,
-        modules={c: len(weights.component(c)) for c in ("unet", "text_encoder") if weights.component(c)},  # type: ignore[arg-type]
+        modules=weights.counts(),
         unknown_keys=unknown,
         base_family_guess=guess_family(entries, file.metadata)[0],
     )
@@ -378,13 +402,14 @@ def convert_lora_file(
     family: str = "sd1",
     prediction_type: str = "epsilon",
     dtype: str | torch.dtype = "fp16",
+    text_encoder_2: nn.Module | None = None,
 ) -> tuple[Path, list[str]]:
     """Rewrite a LoRA file in another layout (names resolved against the given base model).
 
     Returns the written path and the source keys that matched no layer (not written).
     """
     file = read_lora_file(src)
-    weights, unknown = match_to_model(file, unet, text_encoder)
+    weights, unknown = match_to_model(file, unet, text_encoder, text_encoder_2)
     method = file.metadata.get("sdlora_method")
     if method:
         weights.method = method

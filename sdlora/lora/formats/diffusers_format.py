@@ -1,8 +1,9 @@
 """The diffusers / PEFT LoRA layout that ``StableDiffusionPipeline.load_lora_weights`` reads.
 
-Keys: ``unet.<path>.lora_A.weight`` / ``lora_B.weight`` and
+Keys: ``unet.<path>.lora_A.weight`` / ``lora_B.weight``,
 ``text_encoder.text_model.<path>.lora_A.weight`` (diffusers drops ``text_model.`` itself when the
-loaded ``CLIPTextModel`` has no such level). Ranks and alphas go into the
+loaded ``CLIPTextModel`` has no such level) and, for SDXL's second encoder,
+``text_encoder_2.text_model.<path>.lora_A.weight`` (what ``StableDiffusionXLPipeline`` reads). Ranks and alphas go into the
 ``lora_adapter_metadata`` header entry (JSON of PEFT ``LoraConfig`` arguments per component, the
 way diffusers' own ``save_lora_weights`` writes them), so every layer keeps its exact scale.
 
@@ -20,11 +21,11 @@ from typing import Any, Mapping
 
 import torch
 
-from ..targets import Component
+from ..targets import COMPONENTS, Component, is_text_encoder
 from ..weights import LoraWeights
 
 METADATA_KEY = "lora_adapter_metadata"
-_COMPONENT_PREFIX: dict[Component, str] = {"unet": "unet.", "text_encoder": "text_encoder."}
+_COMPONENT_PREFIX: dict[Component, str] = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
 
 # (suffix, role) pairs, longest first so that ".lora.down.weight" is not read as something shorter.
 _SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -53,7 +54,7 @@ def _te_path(path: str) -> str:
 def to_state_dict(weights: LoraWeights, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for component, path, module in weights.items():
-        prefix = "unet." if component == "unet" else "text_encoder.text_model."
+        prefix = "unet." if component == "unet" else f"{component}.text_model."
         out[f"{prefix}{path}.lora_A.weight"] = module.down.detach().to("cpu", dtype).contiguous()
         out[f"{prefix}{path}.lora_B.weight"] = module.up.detach().to("cpu", dtype).contiguous()
     return out
@@ -82,8 +83,8 @@ def build_metadata(weights: LoraWeights, extra: Mapping[str, Any] | None = None)
     from ... import __version__
 
     adapter_meta: dict[str, Any] = {}
-    for component in ("unet", "text_encoder"):
-        modules = weights.component(component)  # type: ignore[arg-type]
+    for component in COMPONENTS:
+        modules = weights.component(component)
         if modules:
             for key, value in _config_for(modules).items():
                 adapter_meta[f"{component}.{key}"] = value
@@ -124,7 +125,7 @@ def split_key(key: str) -> tuple[Component | None, str, str] | None:
             component = "text_encoder"
         elif re.match(r"^(down_blocks|up_blocks|mid_block|conv_in|conv_out|time_embedding)", stem):
             component = "unet"
-    if component == "text_encoder":
+    if component is not None and is_text_encoder(component):
         stem = _te_path(stem)
     # Old attention-processor spelling: attn1.processor.to_q_lora -> attn1.to_q ; to_out_lora -> to_out.0
     stem = stem.replace(".processor.", ".")

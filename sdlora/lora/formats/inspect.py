@@ -14,13 +14,24 @@ import torch
 from . import diffusers_format, kohya
 from .io import read_safetensors, resolve_lora_path
 
+#: network modules of files no registered method claims (methods name their own: ``describe`` hooks)
 _NETWORK_MODULES = {
     "networks.lora": "LoRA",
-    "networks.dylora": "DyLoRA",
-    "networks.lora_fa": "LoRA-FA",
     "networks.oft": "OFT",
     "lycoris.kohya": "LyCORIS",
 }
+#: LyCORIS ``algo`` values of files no registered method claims
+_LYCORIS_ALGOS = {"lora": "LoCon", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}
+
+
+#: the parts of a LoRA file, in report order
+_PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _block_key(name: str) -> tuple[int, list[Any]]:
+    """Report order of block labels: UNet first, then the text encoders; numbers by value."""
+    part = name.split(".", 1)[0]
+    return (_PARTS.index(part) if part in _PARTS else len(_PARTS), _natural(name))
 
 
 def detect_format(keys: list[str]) -> str:
@@ -55,13 +66,22 @@ def _block_of(component: str, path: str) -> str:
     return f"{component}.layers.{match.group(1)}" if match else f"{component}.other"
 
 
+def _natural(text: str) -> list[Any]:
+    """Sort key that orders embedded numbers by value (layers 2 before 10)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def guess_family(entries: Mapping[str, Mapping[str, Any]], metadata: Mapping[str, str]) -> tuple[str, str]:
-    """("sd1" | "sd2" | "sdxl" | "unknown", reason) from module names, shapes and metadata."""
+    """("sd1" | "sd2" | "sdxl" | "unknown", reason) from module names, shapes and metadata.
+
+    A second text encoder means SDXL; else the UNet's cross-attention input width decides (768
+    SD 1.x, 1024 SD 2.x, 2048 SDXL); without UNet modules, the text encoder's width (1280: SDXL's
+    OpenCLIP bigG); last, the metadata.
+    """
     components = {e["component"] for e in entries.values()}
-    if "text_encoder_2" in components:
-        return "sdxl", "it has a second text encoder (lora_te2_ / text_encoder_2)"
     cross = Counter()
     te_width = Counter()
+    te2_width = Counter()
     for name, entry in entries.items():
         down = entry.get("down_shape")
         if not down or len(down) < 2:
@@ -71,7 +91,12 @@ def guess_family(entries: Mapping[str, Mapping[str, Any]], metadata: Mapping[str
             cross[down[1]] += 1
         if entry["component"] == "text_encoder" and flat.endswith("q_proj"):
             te_width[down[1]] += 1
+        if entry["component"] == "text_encoder_2" and flat.endswith("q_proj"):
+            te2_width[down[1]] += 1
     widths = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+    if "text_encoder_2" in components:
+        width = f", width {te2_width.most_common(1)[0][0]}" if te2_width else ""
+        return "sdxl", f"it has a second text encoder (lora_te2_ / text_encoder_2{width})"
     if cross:
         dim = cross.most_common(1)[0][0]
         if dim in widths:
@@ -81,6 +106,8 @@ def guess_family(entries: Mapping[str, Mapping[str, Any]], metadata: Mapping[str
         dim = te_width.most_common(1)[0][0]
         if dim in (768, 1024):
             return widths[dim], f"text-encoder width is {dim}"
+        if dim == 1280:
+            return "sdxl", "text-encoder width is 1280 (SDXL's OpenCLIP bigG)"
         return "unknown", f"text-encoder width is {dim}, not that of SD 1.x, 2.x or XL"
     version = metadata.get("ss_base_model_version", "")
     arch = metadata.get("modelspec.architecture", "")
@@ -135,21 +162,20 @@ def file_entries(tensors: Mapping[str, torch.Tensor], fmt: str) -> tuple[dict[st
 
 
 def _network_type(entries: Mapping[str, Mapping[str, Any]], metadata: Mapping[str, str]) -> str:
+    from ..variants import describe_file
+
     suffixes = {s for e in entries.values() for s in e["suffixes"]}
     for suffix in sorted(suffixes):
         label = kohya.other_method(suffix)
         if label:
             return label
+    claimed = describe_file(metadata, suffixes)  # a registered method's own file (DoRA, DyLoRA, ...)
+    if claimed:
+        return claimed
     module = metadata.get("ss_network_module", "")
     args = kohya.parse_network_args(metadata)
-    if "dora_scale" in suffixes:
-        return "DoRA"
     if module == "lycoris.kohya" and args.get("algo"):
-        return {"lora": "LoCon", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dylora": "DyLoRA"}.get(
-            str(args["algo"]).lower(), f"LyCORIS {args['algo']}"
-        )
-    if "dora_scale" in suffixes or str(args.get("dora_wd", "")).lower() == "true":
-        return "DoRA"
+        return _LYCORIS_ALGOS.get(str(args["algo"]).lower(), f"LyCORIS {args['algo']}")
     has_conv3 = any(e.get("kind") == "conv2d" and e.get("kernel") not in (None, [1, 1]) for e in entries.values())
     base = _NETWORK_MODULES.get(module, "LoRA")
     if base == "LoRA" and has_conv3:
@@ -172,7 +198,7 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     fmt = detect_format(list(tensors))
     entries, stray = file_entries(tensors, fmt) if fmt != "unknown" else ({}, sorted(tensors))
     if fmt == "diffusers":
-        for component in ("unet", "text_encoder"):
+        for component in ("unet", "text_encoder", "text_encoder_2"):
             ranks = {n.split(".", 1)[1]: e["rank"] for n, e in entries.items() if e["component"] == component and "rank" in e}
             for sub, alpha in diffusers_format.alphas_from_metadata(metadata, component, ranks).items():  # type: ignore[arg-type]
                 entries[f"{component}.{sub}"].setdefault("alpha", alpha)
@@ -217,7 +243,7 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         "network_args": kohya.parse_network_args(metadata),
         "base_family": family,
         "base_family_reason": reason,
-        "modules": dict(Counter(e["component"] for e in entries.values())),
+        "modules": {c: n for c in _PARTS if (n := sum(1 for e in entries.values() if e["component"] == c))},
         "layers": {"linear": layers.get("linear", 0), "conv2d": layers.get("conv2d", 0), "conv2d_3x3": layers.get("conv2d_3x3", 0)},
         "rank": Counter(ranks).most_common(1)[0][0] if ranks else None,
         "alpha": Counter(alphas).most_common(1)[0][0] if alphas else None,
@@ -225,7 +251,7 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         "alphas": sorted(set(alphas)),
         "blocks": {
             name: {"modules": b["modules"], "ranks": sorted(b["ranks"]), "alphas": sorted(b["alphas"])}
-            for name, b in sorted(blocks.items())
+            for name, b in sorted(blocks.items(), key=lambda kv: _block_key(kv[0]))
         },
         "dtypes": sorted({e["dtype"] for e in entries.values() if "dtype" in e}),
         "num_tensors": len(tensors),

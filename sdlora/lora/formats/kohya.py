@@ -4,12 +4,20 @@ Layout (what A1111, Forge, ComfyUI and kohya's sd-scripts load for SD 1.x/2.x):
 
 * key ``<module>.lora_down.weight``, ``<module>.lora_up.weight``, ``<module>.alpha`` (0-dim),
   ``<module>.dora_scale`` for DoRA;
-* ``<module>`` is ``lora_unet_`` + the diffusers UNet path with ``.`` -> ``_``, or
+* SD 1.x/2.x: ``<module>`` is ``lora_unet_`` + the diffusers UNet path with ``.`` -> ``_``, or
   ``lora_te_text_model_`` + the CLIP text-model path (the ``text_model_`` part is required by
   A1111 and kohya even though transformers 5 has no ``text_model`` level).
+* SDXL (what kohya sd-scripts writes): UNet modules by their path in SDXL's original (SGM) UNet,
+  ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``,
+  ``lora_unet_middle_block_1_…``, ``lora_unet_output_blocks_2_1_…``, convs such as
+  ``lora_unet_input_blocks_1_0_in_layers_2``; text encoders ``lora_te1_text_model_…`` (CLIP
+  ViT-L) and ``lora_te2_text_model_…`` (OpenCLIP bigG).
 
-Reading also accepts ``lora_te1_`` and names without ``text_model_`` for the text encoder, and
-original-layout (LDM) UNet names (``lora_unet_input_blocks_1_1_proj_in``).
+The model family decides the names (``family`` arguments, "sd1" / "sd2" / "sdxl").
+
+Reading accepts all of these for any family: ``lora_te_``/``lora_te1_`` and names without
+``text_model_`` for the (first) text encoder, ``lora_te2_`` for the second, and both the
+diffusers-path and the original-layout (LDM/SGM) UNet names.
 """
 
 from __future__ import annotations
@@ -18,19 +26,25 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import re
 from collections import Counter
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from ..targets import Component, iter_adaptable
+from ..targets import LAYOUT_KEYS, Component, iter_adaptable, unet_layout
 from ..weights import LoraWeights, ModuleLora
-from ...models.unet_names import original_module_paths
+from ...models.unet_names import original_module_paths, to_original
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_text_model_"
+#: SDXL's text-encoder prefixes (kohya's lora_te1_ / lora_te2_)
+SDXL_TE_PREFIXES: dict[str, str] = {"text_encoder": "lora_te1_text_model_", "text_encoder_2": "lora_te2_text_model_"}
 _TE_READ_PREFIXES = ("lora_te_text_model_", "lora_te1_text_model_", "lora_te_", "lora_te1_")
+_TE2_READ_PREFIXES = ("lora_te2_text_model_", "lora_te2_")
+FAMILIES = ("sd1", "sd2", "sdxl")
+
 
 #: suffixes of a plain LoRA module's tensors
 PLAIN_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
@@ -56,10 +70,42 @@ def other_method(suffix: str) -> str | None:
     return None
 
 
-def module_name(component: Component, canonical: str) -> str:
-    """The kohya module name of a layer: ``lora_unet_…`` or ``lora_te_text_model_…``."""
-    prefix = UNET_PREFIX if component == "unet" else TE_PREFIX
-    return prefix + canonical.replace(".", "_")
+def check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)} for a kohya LoRA file, got {family!r}")
+    return family
+
+
+def _sdxl_layout() -> dict[str, Any]:
+    from ...models.shipped import read_config
+
+    return {k: read_config("sdxl", "unet")[k] for k in LAYOUT_KEYS}
+
+
+def sgm_path(canonical: str, layout: Mapping[str, Any]) -> str | None:
+    """The path of a diffusers UNet module in the original (SGM/LDM) UNet of that layout, or None."""
+    return to_original(canonical, dict(layout))
+
+
+def module_name(component: Component, canonical: str, family: str = "sd1",
+                layout: Mapping[str, Any] | None = None) -> str:
+    """The kohya module name of a layer for a model family.
+
+    SD 1.x/2.x: ``lora_unet_<diffusers path>`` / ``lora_te_text_model_…``. SDXL:
+    ``lora_unet_<SGM path>`` (``layout``: the UNet's block layout, default SDXL's own; a module
+    with no SGM counterpart keeps its diffusers path) and ``lora_te1_…`` / ``lora_te2_…``.
+    """
+    check_family(family)
+    if component == "unet":
+        path = canonical
+        if family == "sdxl":
+            path = sgm_path(canonical, layout or _sdxl_layout()) or canonical
+        return UNET_PREFIX + path.replace(".", "_")
+    if family == "sdxl":
+        return SDXL_TE_PREFIXES[component] + canonical.replace(".", "_")
+    if component != "text_encoder":
+        raise ValueError(f"an {family} LoRA has one text encoder; these weights also adapt {component!r} (an SDXL part)")
+    return TE_PREFIX + canonical.replace(".", "_")
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -72,11 +118,18 @@ def is_kohya_key(key: str) -> bool:
     return key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))
 
 
-def to_state_dict(weights: LoraWeights, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors of the kohya file for ``weights`` (``alpha`` stays float32: 0.1 is not exact in fp16)."""
+def to_state_dict(weights: LoraWeights, dtype: torch.dtype, family: str = "sd1") -> dict[str, torch.Tensor]:
+    """Tensors of the kohya file for ``weights`` (``alpha`` stays float32: 0.1 is not exact in fp16).
+
+    SDXL UNet names follow the block layout in ``weights.info["unet_layout"]`` (set by
+    ``LoraAdapter.export`` and ``match_to_model``), else SDXL 1.0's.
+    """
+    layout = weights.info.get("unet_layout") if family == "sdxl" else None
     out: dict[str, torch.Tensor] = {}
     for component, path, module in weights.items():
-        name = module_name(component, path)
+        name = module_name(component, path, family, layout)  # type: ignore[arg-type]
+        if f"{name}.lora_down.weight" in out:
+            raise ValueError(f"two layers map to the kohya module name {name!r}")
         out[f"{name}.lora_down.weight"] = module.down.detach().to("cpu", dtype).contiguous()
         out[f"{name}.lora_up.weight"] = module.up.detach().to("cpu", dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
@@ -85,20 +138,30 @@ def to_state_dict(weights: LoraWeights, dtype: torch.dtype) -> dict[str, torch.T
     return out
 
 
-def name_index(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, tuple[Component, str]]:
-    """Every kohya module name that can refer to a layer of these models -> (component, path)."""
+def name_index(
+    unet: nn.Module | None, text_encoder: nn.Module | None, text_encoder_2: nn.Module | None = None
+) -> dict[str, tuple[Component, str]]:
+    """Every kohya module name that can refer to a layer of these models -> (component, path).
+
+    UNet layers answer to their diffusers path and their original-layout (LDM/SGM) path, the
+    first text encoder to ``lora_te_`` / ``lora_te1_`` names, the second (SDXL) to ``lora_te2_``.
+    """
     index: dict[str, tuple[Component, str]] = {}
     if unet is not None:
         for _, canonical, _ in iter_adaptable(unet, "unet"):
-            index[module_name("unet", canonical)] = ("unet", canonical)
+            index[UNET_PREFIX + canonical.replace(".", "_")] = ("unet", canonical)
         adaptable = [canonical for _, canonical, _ in iter_adaptable(unet, "unet")]
         for canonical, ldm in original_module_paths(unet, adaptable).items():
             index.setdefault(UNET_PREFIX + ldm.replace(".", "_"), ("unet", canonical))
-    if text_encoder is not None:
-        for _, canonical, _ in iter_adaptable(text_encoder, "text_encoder"):
+    for component, model, prefixes in (
+        ("text_encoder", text_encoder, _TE_READ_PREFIXES), ("text_encoder_2", text_encoder_2, _TE2_READ_PREFIXES)
+    ):
+        if model is None:
+            continue
+        for _, canonical, _ in iter_adaptable(model, component):  # type: ignore[arg-type]
             flat = canonical.replace(".", "_")
-            for prefix in _TE_READ_PREFIXES:
-                index.setdefault(prefix + flat, ("text_encoder", canonical))
+            for prefix in prefixes:
+                index.setdefault(prefix + flat, (component, canonical))  # type: ignore[arg-type]
     return index
 
 
@@ -143,9 +206,42 @@ def derived_network_values(weights: LoraWeights) -> dict[str, Any]:
 
 
 def _architecture(family: str, prediction_type: str) -> str:
+    # kohya's sai_model_spec: SDXL has one architecture name whatever the prediction type
+    if family == "sdxl":
+        return "stable-diffusion-xl-v1-base"
     if family == "sd2":
         return "stable-diffusion-v2-768-v" if prediction_type == "v" else "stable-diffusion-v2-512"
     return "stable-diffusion-v1"
+
+
+def base_model_version(family: str, prediction_type: str) -> str:
+    """kohya's ``ss_base_model_version``: ``sd_v1``/``sd_v2`` (+ ``_v`` for v-prediction), and
+    ``sdxl_base_v1-0`` for every SDXL model (kohya marks v-prediction SDXL only by
+    ``ss_v_parameterization`` and ``modelspec.prediction_type``)."""
+    if family == "sdxl":
+        return "sdxl_base_v1-0"
+    return ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if prediction_type == "v" else "")
+
+
+#: the native resolution of each family (used when the caller gives none)
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+
+
+def resolution_text(resolution: Any) -> str:
+    """``modelspec.resolution`` text ("WxH") from an int, a (width, height) pair or "WxH"/"W,H" text."""
+    if isinstance(resolution, bool):
+        raise ValueError(f"not a resolution: {resolution!r}")
+    if isinstance(resolution, int):
+        return f"{resolution}x{resolution}"
+    if isinstance(resolution, (tuple, list)) and len(resolution) == 2:
+        return f"{int(resolution[0])}x{int(resolution[1])}"
+    if isinstance(resolution, str):
+        numbers = [int(n) for n in re.findall(r"\d+", resolution)]
+        if len(numbers) == 1:
+            return f"{numbers[0]}x{numbers[0]}"
+        if len(numbers) == 2:
+            return f"{numbers[0]}x{numbers[1]}"
+    raise ValueError(f"not a resolution: {resolution!r} (give an int, (width, height) or 'WxH')")
 
 
 def _hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
@@ -171,19 +267,29 @@ def build_metadata(
     prediction_type: str = "epsilon",
     title: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    resolution: Any = None,
 ) -> dict[str, str]:
     """kohya ``ss_*`` and ``modelspec.*`` metadata: what can be derived, then the caller's values.
 
     ``extra`` holds what only the caller knows (``ss_steps``, ``ss_num_train_images``,
     ``ss_resolution``, ``ss_tag_frequency``, ``modelspec.title``, ...); values that are not strings
     are written as kohya writes them (JSON for dicts/lists, ``True``/``False`` for booleans).
-    Caller values win over derived ones.
+    Caller values win over derived ones. ``resolution`` (the training resolution: an int,
+    (width, height) or "WxH") gives ``modelspec.resolution``; without it ``extra``'s
+    ``ss_resolution`` does, else the family's native size.
     """
     from ... import __version__
 
-    if family not in ("sd1", "sd2"):
-        raise ValueError(f"family must be 'sd1' or 'sd2' for a kohya SD file, got {family!r}")
+    check_family(family)
     pred = "v" if prediction_type in ("v", "v_prediction") else "epsilon"
+    extra = dict(extra or {})
+    if resolution is None and extra.get("ss_resolution") is not None:
+        try:
+            resolution = resolution_text(extra["ss_resolution"])
+        except ValueError:
+            resolution = None
+    if resolution is None:
+        resolution = 768 if family == "sd2" and pred == "v" else DEFAULT_RESOLUTION[family]
     info = weights.info
     net = derived_network_values(weights)
     network_args: dict[str, str] = {}
@@ -196,17 +302,18 @@ def build_metadata(
         "ss_network_module": info.get("network_module") or "networks.lora",
         "ss_network_dim": net["dim"],
         "ss_network_alpha": float(net["alpha"]) if net["alpha"] is not None else None,
-        "ss_base_model_version": ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if pred == "v" else ""),
+        "ss_base_model_version": base_model_version(family, pred),
         "ss_v2": family == "sd2",
         "ss_v_parameterization": pred == "v",
-        "ss_network_train_unet_only": not weights.text_encoder,
+        "ss_network_train_unet_only": not (weights.text_encoder or weights.text_encoder_2),
         "ss_network_train_text_encoder_only": not weights.unet,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{_architecture(family, pred)}/lora",
-        "modelspec.implementation": "diffusers",
+        # kohya: SDXL LoRAs name Stability's original (SGM) modules, SD 1.x/2.x ones diffusers'
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
         "modelspec.title": title or "LoRA",
         "modelspec.date": _dt.datetime.now().replace(microsecond=0).isoformat(),
-        "modelspec.resolution": "768x768" if family == "sd2" and pred == "v" else "512x512",
+        "modelspec.resolution": resolution_text(resolution),
         "modelspec.prediction_type": pred,
         "sdlora_version": __version__,
         "sdlora_method": weights.method,
@@ -222,7 +329,7 @@ def build_metadata(
     if title:
         meta["ss_output_name"] = title
     meta.update(dict(info.get("metadata") or {}))  # method-specific facts of this export
-    for key, value in dict(extra or {}).items():
+    for key, value in extra.items():
         meta[key] = value
     strings = {k: _stringify(v) for k, v in meta.items() if v is not None}
     if "sshs_model_hash" not in strings:
@@ -249,6 +356,12 @@ def to_float(value: torch.Tensor | float) -> float:
 
 
 __all__ = [
+    "FAMILIES",
+    "base_model_version",
+    "check_family",
+    "resolution_text",
+    "sgm_path",
+    "unet_layout",
     "other_method",
     "PLAIN_SUFFIXES",
     "build_metadata",
