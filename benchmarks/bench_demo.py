@@ -29,7 +29,7 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     from sdlora.generate import Previewer
-    from sdlora.models.demo.style_eval import evaluate_style, save_scale_grid
+    from sdlora.demo.style_eval import evaluate_style, save_scale_grid
     from sdlora.train.config import TrainConfig
     from sdlora.train.loop import train
 

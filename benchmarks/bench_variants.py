@@ -8,8 +8,8 @@ with the real trainer in a child process and measures
   shared adapters after LoRA-drop's drop step),
 * seconds per step (median time between step events),
 * peak memory: CUDA peak allocated on a GPU, else the training process's peak resident set size,
-* the style metric (``sdlora.models.demo.metrics.style_score``) and colour / shape accuracy on the
-  held-out content prompts at LoRA scale 1 (``sdlora.models.demo.style_eval``), generated with the
+* the style metric (``sdlora.demo.metrics.style_score``) and colour / shape accuracy on the
+  held-out content prompts at LoRA scale 1 (``sdlora.demo.style_eval``), generated with the
   *exported file* loaded into a fresh preview,
 * the exported kohya file's size,
 
@@ -187,8 +187,8 @@ def evaluate(args: argparse.Namespace, rows: list[RowResult]) -> tuple[dict[str,
     from PIL import Image
 
     from sdlora.generate import Previewer
-    from sdlora.models.demo import metrics
-    from sdlora.models.demo.style_eval import evaluate_style
+    from sdlora.demo import metrics
+    from sdlora.demo.style_eval import evaluate_style
 
     trigger = TRIGGERS[args.style]
     prev = Previewer(args.base)

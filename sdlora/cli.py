@@ -172,7 +172,7 @@ def cmd_tiny_model(a: argparse.Namespace) -> int:
 
 
 def cmd_demo_base(a: argparse.Namespace) -> int:
-    from .models.demo import train_base
+    from .demo import train_base
 
     return int(train_base.main(a.args) or 0)
 

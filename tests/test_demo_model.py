@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdlora.models.demo import metrics
-from sdlora.models.demo.model import DEFAULT_GUIDANCE, RESOLUTION
+from sdlora.demo import metrics
+from sdlora.demo.model import DEFAULT_GUIDANCE, RESOLUTION
 from sdlora.resources import DEMO_MODEL
 
 MODEL_DIR = DEMO_MODEL
@@ -21,7 +21,7 @@ def demo_pipe():
     from diffusers import StableDiffusionPipeline
 
     assert (MODEL_DIR / "model_index.json").is_file(), (
-        f"{MODEL_DIR} is missing; build it with python -m sdlora.models.demo.train_base --out {MODEL_DIR}")
+        f"{MODEL_DIR} is missing; build it with python -m sdlora.demo.train_base --out {MODEL_DIR}")
     pipe = StableDiffusionPipeline.from_pretrained(str(MODEL_DIR))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -103,7 +103,7 @@ def test_samples_follow_held_out_prompts_in_shape(heldout_report):
 
 def test_model_card_and_sample_grid(demo_pipe):
     card = (MODEL_DIR / "README.md").read_text(encoding="utf-8")
-    for needed in ("python -m sdlora.models.demo.train_base", "64 x 64", "guidance_scale", "held out"):
+    for needed in ("python -m sdlora.demo.train_base", "64 x 64", "guidance_scale", "held out"):
         assert needed in card, needed
     from PIL import Image
 

@@ -40,8 +40,8 @@ def test_style_rises_with_scale_and_content_is_kept(trained_style, artifacts_dir
     from PIL import Image
 
     from sdlora.generate import Previewer
-    from sdlora.models.demo.metrics import style_score
-    from sdlora.models.demo.style_eval import evaluate_style, save_scale_grid
+    from sdlora.demo.metrics import style_score
+    from sdlora.demo.style_eval import evaluate_style, save_scale_grid
 
     cfg, lora = trained_style
     prev = Previewer("demo")

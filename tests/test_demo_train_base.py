@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sdlora.models.demo import train_base
+from sdlora.demo import train_base
 
 TINY = ["--set", "vae_steps=3", "--set", "vae_batch=4", "--set", "decoder_steps=2", "--set", "num_cached=24", "--set", "unet_steps=4",
         "--set", "unet_batch=4", "--set", "warmup_steps=1", "--set", "checkpoint_every=2",
@@ -60,7 +60,7 @@ def test_export_writes_a_loadable_model_with_prefixed_text_encoder(tmp_path):
         keys = list(f.keys())
     assert keys and all(k.startswith("text_model.") for k in keys)
     card = (out / "README.md").read_text()
-    assert "python -m sdlora.models.demo.train_base" in card and "64 x 64" in card
+    assert "python -m sdlora.demo.train_base" in card and "64 x 64" in card
 
 
 def test_settings_must_match_to_resume_and_bad_overrides_are_named(tmp_path):

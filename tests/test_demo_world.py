@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlora.models.demo import metrics, styles, world
+from sdlora.demo import metrics, styles, world
 from sdlora.resources import STYLES_DIR
 
 

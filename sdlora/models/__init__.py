@@ -1,1 +1,1 @@
-"""Base models: loading (hub id, diffusers folder, single file), tokenizer, tiny and demo models."""
+"""Base models: loading (hub id, diffusers folder, single file, the bundled demo model), tokenizer, tiny models."""

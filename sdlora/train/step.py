@@ -39,6 +39,17 @@ def sample_noise(latents: torch.Tensor, sample_ids: list[int], seed: int, num_tr
             torch.tensor(steps, device=latents.device, dtype=torch.long))
 
 
+def min_snr_weight(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weight of each timestep (Hang et al. 2023) for the scheduler's prediction type.
+
+    ``min(SNR, gamma) / SNR`` for epsilon; ``min(SNR, gamma) / (SNR + 1)`` for v-prediction (the v loss
+    is ``SNR + 1`` times the x0 loss that the weight is defined on). SNR is diffusers' ``compute_snr``.
+    """
+    snr = compute_snr(noise_scheduler, timesteps)
+    weight = torch.clamp(snr, max=gamma)
+    return weight / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weight / snr
+
+
 def diffusion_loss(unet, latents: torch.Tensor, encoder_hidden_states: torch.Tensor, noise_scheduler, *,
                    noise: torch.Tensor, timesteps: torch.Tensor, min_snr_gamma: float = 0.0,
                    is_prior: torch.Tensor | None = None, prior_loss_weight: float = 1.0,
@@ -63,9 +74,7 @@ def diffusion_loss(unet, latents: torch.Tensor, encoder_hidden_states: torch.Ten
 
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
-        snr = compute_snr(noise_scheduler, timesteps)
-        weight = torch.clamp(snr, max=min_snr_gamma)
-        per_sample = per_sample * (weight / (snr + 1) if prediction_type == "v_prediction" else weight / snr)
+        per_sample = per_sample * min_snr_weight(noise_scheduler, timesteps, min_snr_gamma)
 
     if is_prior is not None and bool(is_prior.any()):
         inst, prior = per_sample[~is_prior], per_sample[is_prior]

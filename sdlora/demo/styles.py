@@ -1,11 +1,11 @@
-"""Regenerate the bundled style sets in ``sample_data/styles/<style>/`` from the renderer.
+"""Regenerate the bundled style sets in ``sdlora/sample_data/styles/<style>/`` from the renderer.
 
 Each set holds ``count`` images (``NN.png``) of random scenes drawn in one style, each with a
 ``NN.txt`` caption that describes the content only (e.g. ``a red circle on a white background``);
 the LoRA trainer adds the trigger word through its caption template. Deterministic: the same
 seed writes the same files.
 
-Run ``python -m sdlora.models.demo.styles [--out sample_data/styles]``.
+Run ``python -m sdlora.demo.styles [--out sdlora/sample_data/styles]``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ...resources import STYLES_DIR
+from ..resources import STYLES_DIR
 from . import world
 
 #: Default folder of the style sets: the bundled ones.
@@ -55,9 +55,9 @@ def write_style_set(root: str | Path, style: str, count: int = DEFAULT_COUNT, se
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdlora.models.demo.styles",
+    parser = argparse.ArgumentParser(prog="python -m sdlora.demo.styles",
                                      description="Regenerate the style sets drawn by the demo world's renderer.")
-    parser.add_argument("--out", default=str(DEFAULT_ROOT), help="root folder (default: sample_data/styles)")
+    parser.add_argument("--out", default=str(DEFAULT_ROOT), help="root folder (default: sdlora/sample_data/styles)")
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT, help="images per style (default 16)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--style", action="append", choices=world.STYLES,

@@ -1,6 +1,6 @@
 """Train the bundled demo base model from scratch on the synthetic world, on a CPU.
 
-Run ``python -m sdlora.models.demo.train_base --out sample_data/demo-model`` (the CLI exposes the
+Run ``python -m sdlora.demo.train_base --out sdlora/sample_data/demo-model`` (the CLI exposes the
 same as ``sdlora demo-base train --out DIR``). Stages, each checkpointed in ``--work-dir`` so the
 command can be stopped and rerun to continue (``--max-minutes`` stops it cleanly after a while):
 
@@ -14,7 +14,7 @@ command can be stopped and rerun to continue (``--max-minutes`` stops it cleanly
 4. ``decoder``: the VAE decoder trains further with the encoder frozen (the latent space the UNet
    learned on does not change), for sharper colours and textures.
 5. ``export``: the EMA weights are written as a diffusers folder (fp16) with a model card, a sample
-   grid and the prompt-following numbers measured by :mod:`sdlora.models.demo.metrics`.
+   grid and the prompt-following numbers measured by :mod:`sdlora.demo.metrics`.
 
 Everything is seeded: data come from the renderer keyed by (seed, step), and the checkpoints hold
 the torch RNG state, so a run in pieces follows the same path as a run in one go. The training loop
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..train.step import min_snr_weight
 from . import world
 from .model import (
     DEFAULT_GUIDANCE,
@@ -253,7 +254,7 @@ def cache_latents(cfg: BaseTrainConfig, work: Path) -> None:
 
 
 def _tokenize(captions: Sequence[str]) -> torch.Tensor:
-    from ..tokenizer import clip_tokenizer
+    from ..models.tokenizer import clip_tokenizer
 
     tok = clip_tokenizer()
     return tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -283,7 +284,6 @@ def train_unet(cfg: BaseTrainConfig, work: Path, deadline: _Deadline) -> bool:
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.unet_steps)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     noise_sched = DDPMScheduler(**scheduler_config_kwargs())
-    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
     step = 0
     ckpt = _load_checkpoint(work / "unet_ckpt.pt")
     if ckpt is not None:
@@ -310,7 +310,7 @@ def train_unet(cfg: BaseTrainConfig, work: Path, deadline: _Deadline) -> bool:
         noisy = noise_sched.add_noise(latents, noise, t)
         hidden = text_encoder(tokens[cap])[0]
         pred = unet(noisy, t, hidden).sample
-        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
+        weight = min_snr_weight(noise_sched, t, cfg.min_snr_gamma)  # the LoRA trainer's weighting
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -391,7 +391,7 @@ def export(cfg: BaseTrainConfig, work: Path, out: Path) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdlora.models.demo.train_base",
+    parser = argparse.ArgumentParser(prog="python -m sdlora.demo.train_base",
                                      description="Train the demo base model (resumable; rerun to continue).")
     parser.add_argument("--out", required=True, help="folder to write the diffusers model to")
     parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default: <out>.work)")

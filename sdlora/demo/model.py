@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, VOCAB_SIZE, clip_tokenizer
+from ..models.tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, VOCAB_SIZE, clip_tokenizer
 
 #: Image side in pixels the demo model is trained for.
 RESOLUTION = 64
@@ -189,7 +189,7 @@ def save_demo_model(out_dir: str | Path, vae, unet, text_encoder, dtype: torch.d
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dst)
     # The slow-tokenizer files too (transformers 4.x loads ``CLIPTokenizer`` from vocab.json/merges.txt).
-    from ..tokenizer import TOKENIZER_DIR
+    from ..models.tokenizer import TOKENIZER_DIR
 
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
         src = TOKENIZER_DIR / name

@@ -2,7 +2,7 @@
 
 - :func:`read_scene` reads a picture back: background from the border, colour from the foreground
   pixels (nearest named colour), shape from a nearest-centroid classifier whose centroids are
-  built from renders of :mod:`sdlora.models.demo.world` at start-up (no weights to ship).
+  built from renders of :mod:`sdlora.demo.world` at start-up (no weights to ship).
 - :func:`evaluate_prompt_following` samples a pipeline on the held-out colour x shape x background
   combinations and reports colour / shape / background accuracy.
 - :func:`style_score` says how much of each style set's look a set of images has (higher = more).

@@ -42,7 +42,7 @@ scale, see the style appear) works offline on a laptop CPU in minutes. It is a r
 
 ```python
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("sample_data/demo-model")
+pipe = StableDiffusionPipeline.from_pretrained("sdlora/sample_data/demo-model")
 image = pipe("a red star on a white background", num_inference_steps={DEFAULT_STEPS},
              guidance_scale={DEFAULT_GUIDANCE}).images[0]
 ```
@@ -66,7 +66,7 @@ from the words alone):
 
 ## Prompt following (held-out combinations)
 
-Measured by `sdlora.models.demo.metrics.evaluate_prompt_following` on {report["n"]} images
+Measured by `sdlora.demo.metrics.evaluate_prompt_following` on {report["n"]} images
 ({report["steps"]} DPM-Solver++ steps, guidance {report["guidance"]}): the colour is read from the
 foreground pixels, the shape by a nearest-centroid classifier built from renders.
 
@@ -106,7 +106,7 @@ standard `text_model.`-prefixed key layout, which transformers 4.x and 5.x both 
 ## How it was made
 
 ```
-python -m sdlora.models.demo.train_base --out sample_data/demo-model --work-dir /tmp/demo-work
+python -m sdlora.demo.train_base --out sdlora/sample_data/demo-model --work-dir /tmp/demo-work
 ```
 
 (also `sdlora demo-base train --out DIR`). Resumable: the work dir keeps checkpoints; rerun the
@@ -130,8 +130,8 @@ Settings:
 
 {("## Notes on this build" + chr(10) + chr(10) + notes.strip() + chr(10) + chr(10)) if notes else ""}## Style sets
 
-`sample_data/styles/` holds style sets drawn by the same renderer in looks this model never saw
-(`python -m sdlora.models.demo.styles` regenerates them); `sdlora.models.demo.metrics.style_score`
+`sdlora/sample_data/styles/` holds style sets drawn by the same renderer in looks this model never saw
+(`python -m sdlora.demo.styles` regenerates them); `sdlora.demo.metrics.style_score`
 measures each look.
 """
     path = folder / "README.md"

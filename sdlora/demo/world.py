@@ -5,9 +5,9 @@ background, at one of three sizes and a random position; its caption says what i
 ``"a small red circle on a white background"``. Everything is deterministic from a seed: the same
 seed gives the same scenes and the same pixels on every machine.
 
-The same renderer also draws the *style sets* (``sample_data/styles/``): the same content in a look
+The same renderer also draws the *style sets* (``sdlora/sample_data/styles/``): the same content in a look
 the base model never saw (diagonal stripes inside the shape, outline-only drawing, a pastel palette
-with grain), so a style LoRA has something clear to learn and :mod:`sdlora.models.demo.metrics` has
+with grain), so a style LoRA has something clear to learn and :mod:`sdlora.demo.metrics` has
 something clear to measure.
 
 This renderer is the project's own code; it uses only PIL and numpy.
