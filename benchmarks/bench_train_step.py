@@ -170,7 +170,8 @@ class Trainer:
         from accelerate.state import AcceleratorState
 
         from sdlora.lora import inject_adapters
-        from sdlora.train.loop import _make_optimizer, lora_spec
+        from sdlora.train.config import lora_spec
+        from sdlora.train.loop import _make_optimizer
         from sdlora.train.perf import resolve_precision
         from sdlora.train.speed import SpeedOptions, prepare_for_training
 
