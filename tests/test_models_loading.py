@@ -99,15 +99,16 @@ def test_bad_specs(tmp_path):
         load_base(empty)
 
 
-def test_sdxl_folder_is_not_supported_yet(tmp_path):
+def test_sdxl_folder_without_part_configs_is_incomplete(tmp_path):
     folder = tmp_path / "sdxl"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionXLPipeline",
+        "text_encoder": ["transformers", "CLIPTextModel"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "unet": ["diffusers", "UNet2DConditionModel"],
     }))
-    with pytest.raises(ModelLoadError, match="not supported yet"):
+    with pytest.raises(ModelLoadError, match="lacks unet/, vae/, text_encoder/ or text_encoder_2/ configs"):
         load_base(folder)
 
 

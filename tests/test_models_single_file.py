@@ -324,23 +324,6 @@ def test_detect_sd2_prediction_type_from_weights(tmp_path):
     assert "guessed" in v["notes"] and v["embedded_configs"] is False
 
 
-def test_sdxl_file_is_not_supported_yet(tmp_path):
-    path = tmp_path / "sdxl.safetensors"
-    half = dict(dtype=torch.float16)
-    save_file({
-        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 768, **half),
-        "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(1280, **half),
-        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1280, 2816, **half),
-        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3, **half),
-        "first_stage_model.decoder.conv_out.weight": torch.zeros(3, 128, 3, 3, **half),
-    }, str(path))
-    info = detect_single_file(path)
-    assert info["family"] == "sdxl" and info["supported"] is False
-    with pytest.raises(ModelLoadError, match="not supported yet") as e:
-        load_base(path)
-    assert "sdxl.safetensors" in str(e.value)
-
-
 def test_real_layout_without_stored_configs_uses_shipped_configs(tiny_pipe, tmp_path):
     """Without stored configs a file is taken as a real SD 1.x checkpoint; the tiny weights do not
     fit SD 1.5's shapes, which must give a clear error, not a crash or a half-loaded model."""

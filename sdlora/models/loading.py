@@ -4,15 +4,18 @@
 
 * ``None`` or ``"demo"``: the bundled demo model, a diffusers folder at :data:`DEFAULT_BASE`;
 * ``"tiny"``: :func:`sdlora.models.tiny.build_tiny_pipeline` (random weights, for tests);
+* ``"tiny-sdxl"``: :func:`sdlora.models.tiny.build_tiny_sdxl_pipeline` (random weights, 64 px);
 * a diffusers folder (with ``model_index.json``);
-* a ``.safetensors`` / ``.ckpt`` file in the original A1111 / LDM layout (see
-  :mod:`sdlora.models.single_file`; loaded offline with shipped configs and tokenizer);
+* a ``.safetensors`` / ``.ckpt`` file in the original A1111 / LDM / SGM layout (see
+  :mod:`sdlora.models.single_file`; loaded offline with shipped configs and tokenizers);
 * a Hugging Face hub id (``owner/name``), taken from the local HF cache; when it is not there and
   downloading is off or impossible, :class:`ModelLoadError` says what to download and where to
   put it.
 
-SD 1.x and SD 2.x (including v-prediction 768-v) load; SDXL is recognised and refused with a
-"not supported yet" error.
+SD 1.x, SD 2.x (including v-prediction 768-v) and SDXL (including v-prediction fine-tunes) load;
+SD 1.x/2.x as a ``StableDiffusionPipeline``, SDXL as a ``StableDiffusionXLPipeline`` (two text
+encoders and tokenizers; :class:`BaseModel` gives both). SD 3, FLUX, Stable Cascade and other
+families are recognised and refused with a message naming them.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from .single_file import (
 )
 
 if TYPE_CHECKING:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 __all__ = [
     "DEFAULT_BASE",
@@ -66,8 +69,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 class BaseModel:
     """A loaded base model and what is known about it."""
 
-    pipe: StableDiffusionPipeline
-    family: str  # "sd1" | "sd2"
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
+    family: str  # "sd1" | "sd2" | "sdxl"
     prediction_type: str  # "epsilon" | "v_prediction"
     source: str  # what was loaded: a path, a hub id, "tiny"
     resolution: int  # native resolution in pixels
@@ -160,6 +163,39 @@ def _family_from_configs(unet_cfg: dict[str, Any], text_cfg: dict[str, Any] | No
     return "sd2" if (text_cfg or {}).get("hidden_act") == "gelu" else "sd1"
 
 
+_OTHER_PIPELINES = (
+    ("StableDiffusion3", "Stable Diffusion 3 / 3.5"),
+    ("Flux", "FLUX"),
+    ("StableCascade", "Stable Cascade"),
+    ("Wuerstchen", "Würstchen / Stable Cascade"),
+    ("PixArt", "PixArt"),
+    ("Kandinsky", "Kandinsky"),
+    ("StableDiffusionXLImg2Img", "the SDXL refiner"),
+)
+
+
+def _index_problem(index: dict[str, Any], what: str) -> tuple[str | None, str | None]:
+    """(family, problem) from a pipeline's model_index.json: "sdxl", "sd" (1.x/2.x, told by the
+    configs) or a refusal naming a family this app does not load."""
+    cls = str(index.get("_class_name", ""))
+    for fragment, name in _OTHER_PIPELINES:
+        if fragment in cls:
+            return None, (
+                f"{what} is a {name} model ({cls}); only Stable Diffusion 1.x, 2.x and SDXL base models "
+                "can be loaded."
+            )
+    if "text_encoder_2" in index and "text_encoder" not in index:
+        return None, f"{what} is the SDXL refiner ({cls}, no first text encoder); load an SDXL base model."
+    if "transformer" in index and "unet" not in index:
+        return None, (
+            f"{what} is a transformer-based model ({cls or 'unknown pipeline'}), not a Stable Diffusion "
+            "1.x/2.x/SDXL UNet model."
+        )
+    if "XL" in cls or "text_encoder_2" in index:
+        return "sdxl", None
+    return "sd", None
+
+
 def _describe_folder(folder: Path) -> dict[str, Any]:
     """Family, prediction type and resolution of a diffusers folder from its configs (no weights)."""
     index = _read_json(folder / "model_index.json")
@@ -168,21 +204,23 @@ def _describe_folder(folder: Path) -> dict[str, Any]:
             f"{folder} is not a diffusers model folder (no readable model_index.json). Pass the "
             "folder that holds model_index.json, unet/, vae/ and text_encoder/, or a .safetensors/.ckpt file."
         )
-    cls = str(index.get("_class_name", ""))
-    if "XL" in cls or "text_encoder_2" in index:
-        return {"family": "sdxl", "problem": f"{folder} is an SDXL model ({cls}); SDXL base models are not supported yet."}
+    kind, problem = _index_problem(index, str(folder))
+    if problem is not None:
+        return {"family": None, "problem": problem}
     unet_cfg = _read_json(folder / "unet" / "config.json") or {}
     text_cfg = _read_json(folder / "text_encoder" / "config.json")
+    text2_cfg = _read_json(folder / "text_encoder_2" / "config.json") if kind == "sdxl" else {}
     vae_cfg = _read_json(folder / "vae" / "config.json") or {}
     sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json") or {}
     scale = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
     problem = None
-    if not unet_cfg or text_cfg is None or not vae_cfg:
-        problem = f"{folder} lacks unet/, vae/ or text_encoder/ configs; the model folder is incomplete."
+    if not unet_cfg or text_cfg is None or not vae_cfg or text2_cfg is None:
+        parts = "unet/, vae/, text_encoder/ or text_encoder_2/" if kind == "sdxl" else "unet/, vae/ or text_encoder/"
+        problem = f"{folder} lacks {parts} configs; the model folder is incomplete."
     elif unet_cfg.get("in_channels", 4) != 4:
         problem = f"{folder} is not a text-to-image model ({unet_cfg.get('in_channels')} UNet input channels)."
     return {
-        "family": _family_from_configs(unet_cfg, text_cfg),
+        "family": "sdxl" if kind == "sdxl" else _family_from_configs(unet_cfg, text_cfg),
         "prediction_type": sched_cfg.get("prediction_type", "epsilon"),
         "resolution": int(unet_cfg.get("sample_size", 64)) * scale,
         "problem": problem,
@@ -190,7 +228,7 @@ def _describe_folder(folder: Path) -> dict[str, Any]:
 
 
 def _finish(
-    pipe: StableDiffusionPipeline,
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline,
     source: str,
     *,
     family: str | None = None,
@@ -233,31 +271,38 @@ def _finish(
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[StableDiffusionPipeline, str]:
+def _pipeline_class(family: str):
+    """The diffusers pipeline class of a family and the keyword arguments it is loaded with."""
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline, {"add_watermarker": False}
     from diffusers import StableDiffusionPipeline
 
+    return StableDiffusionPipeline, {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[StableDiffusionPipeline | StableDiffusionXLPipeline, str]:
     info = _describe_folder(folder)
     if info.get("problem"):
         raise ModelLoadError(info["problem"])
-    kwargs: dict[str, Any] = {}
+    family = info["family"]
+    cls, kwargs = _pipeline_class(family)
     if not (folder / "tokenizer").is_dir():
-        kwargs["tokenizer"] = family_tokenizer(info["family"])
+        kwargs["tokenizer"] = family_tokenizer(family)
+    if family == "sdxl" and not (folder / "tokenizer_2").is_dir():
+        from .tokenizer import openclip_tokenizer
+
+        kwargs["tokenizer_2"] = openclip_tokenizer()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(folder),
-            local_files_only=True,
-            dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **kwargs,
-        )
+        pipe = cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype, **kwargs)
     except Exception as e:  # diffusers/transformers raise OSError, ValueError, EnvironmentError, ...
+        encoders = "text_encoder/, text_encoder_2/" if family == "sdxl" else "text_encoder/"
         raise ModelLoadError(
             f"Could not load the diffusers folder {folder}: {_first_line(e)}. Check that unet/, vae/, "
-            "text_encoder/ and scheduler/ are complete (configs and weights)."
+            f"{encoders} and scheduler/ are complete (configs and weights)."
         ) from e
-    return pipe, info["family"]
+    return pipe, family
 
 
 def _hub_error(repo_id: str, cache: Path, offline: bool, cause: BaseException | None) -> ModelLoadError:
@@ -275,8 +320,8 @@ def _hub_error(repo_id: str, cache: Path, offline: bool, cause: BaseException | 
     )
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+def _load_hub(repo_id: str, dtype: torch.dtype) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    from diffusers import DiffusionPipeline
 
     cache = _hf_cache_dir()
     offline = _hub_offline()
@@ -289,19 +334,12 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> StableDiffusionPipeline:
         except Exception as e:  # not cached / no network / no such repo
             last = e
             continue
-        cls = str(index.get("_class_name", ""))
-        if "XL" in cls or "text_encoder_2" in index:
-            raise ModelLoadError(f"'{repo_id}' is an SDXL model ({cls}); SDXL base models are not supported yet.")
+        kind, problem = _index_problem(index, f"'{repo_id}'")
+        if problem is not None:
+            raise ModelLoadError(problem)
+        cls, kwargs = _pipeline_class("sdxl" if kind == "sdxl" else "sd1")
         try:
-            return StableDiffusionPipeline.from_pretrained(
-                repo_id,
-                cache_dir=str(cache),
-                local_files_only=local_only,
-                dtype=dtype,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
+            return cls.from_pretrained(repo_id, cache_dir=str(cache), local_files_only=local_only, dtype=dtype, **kwargs)
         except Exception as e:
             last = e
     raise _hub_error(repo_id, cache, offline, last)
@@ -326,7 +364,8 @@ def load_base(
     """Load a base model; see the module docstring for what ``spec`` may be.
 
     ``prediction_type`` (``"epsilon"`` / ``"v_prediction"``) overrides what was detected, for SD
-    2.x files that do not record it. Raises :class:`ModelLoadError` with a message that names the
+    2.x files that do not record it and SDXL v-prediction fine-tunes without a marker (or forces
+    epsilon on a file that is marked). Raises :class:`ModelLoadError` with a message that names the
     spec and what to do.
     """
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
@@ -347,6 +386,10 @@ def load_base(
         from .tiny import build_tiny_pipeline
 
         return _finish(build_tiny_pipeline(), "tiny", family="sd1", **finish)
+    if text == "tiny-sdxl":
+        from .tiny import build_tiny_sdxl_pipeline
+
+        return _finish(build_tiny_sdxl_pipeline(), "tiny-sdxl", family="sdxl", **finish)
     if not text:
         raise ModelLoadError("No base model given: pass a hub id, a diffusers folder or a .safetensors/.ckpt file.")
 
@@ -362,7 +405,7 @@ def load_base(
             raise ModelLoadError(f"Base model not found: {path} does not exist. Check the path.")
         raise ModelLoadError(
             f"Base model '{text}' is not an existing file or folder, nor a Hugging Face model id "
-            "(owner/name), nor 'demo' or 'tiny'."
+            "(owner/name), nor 'demo', 'tiny' or 'tiny-sdxl'."
         )
     return _finish(_load_hub(text, dtype), text, **finish)
 
@@ -372,7 +415,8 @@ def list_base_models(models_dir: str | os.PathLike[str]) -> list[dict[str, Any]]
 
     Each entry: ``name``, ``path``, ``kind`` (``"diffusers"``, ``"safetensors"`` or ``"ckpt"``),
     ``family``, ``prediction_type``, ``resolution``, ``size_bytes``, ``usable`` and ``error``
-    (why it cannot be used, e.g. a LoRA file or an SDXL model), ``notes``. A missing folder gives
+    (why it cannot be used, e.g. a LoRA file or an SD 3 model), ``notes``. SD 1.x, 2.x and SDXL
+    bases are usable. A missing folder gives
     an empty list.
     """
     root = Path(models_dir).expanduser()

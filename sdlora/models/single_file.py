@@ -1,4 +1,4 @@
-"""Stable Diffusion checkpoints in the original single-file (LDM / A1111) layout.
+"""Stable Diffusion checkpoints in the original single-file (LDM / SGM / A1111) layout: SD 1.x, SD 2.x, SDXL.
 
 Reading
     ``.safetensors`` files are opened with ``safetensors`` (the header is validated before any
@@ -11,25 +11,31 @@ Reading
 Detecting
     :func:`detect_single_file` reads key names and shapes (plus, for SD 2.x, one small tensor) to
     tell SD 1.x / SD 2.x / SDXL apart and to find the prediction type, without building models.
+    SDXL v-prediction fine-tunes are told by a ``v_pred`` marker key (or modelspec metadata), a
+    zero-terminal-SNR schedule by ``ztsnr``. SD 3, FLUX, Stable Cascade, Playground v2.5 and the
+    SDXL refiner are recognised by their keys and refused with a message naming them.
 
 Converting to diffusers
     The original -> diffusers conversion is diffusers' own single-file code:
     ``UNet2DConditionModel.from_single_file`` / ``AutoencoderKL.from_single_file`` with
     ``config=<local folder>, local_files_only=True`` and, for the text encoder, the helper that
-    ``StableDiffusionPipeline.from_single_file`` uses (``create_diffusers_clip_model_from_ldm``).
-    The config folder is one shipped in ``sdlora/models/configs/`` (SD 1.x, SD 2.x 512, SD 2.x
-    768-v) or, for files this module wrote, the diffusers configs stored in the file itself, so
+    ``StableDiffusionPipeline.from_single_file`` uses (``create_diffusers_clip_model_from_ldm``;
+    for SDXL once per encoder). The config folder is one shipped in ``sdlora/models/configs/`` (SD
+    1.x, SD 2.x 512, SD 2.x 768-v, SDXL 1.0 base; see :mod:`.shipped`) or, for files this module wrote, the diffusers configs stored in the file itself, so
     tiny and non-standard models load offline too. The file is read once and its state dict is
     handed to those functions (the pipeline-level ``from_single_file`` would read it again).
 
 Converting to the original layout
     diffusers ships no diffusers -> original converter in the library, so
-    :func:`to_original_state_dict` is written here. Its key mapping is derived from the model
-    configs (blocks, layers per block, which blocks have attention), and the tests check it against
-    diffusers' own original -> diffusers mapping on SD 1.5 / SD 2.x sized models. The SD 1.x text
+    :func:`to_original_state_dict` is written here. The UNet's key mapping is
+    :mod:`sdlora.models.unet_names` (derived from the config: blocks, layers per block, which
+    blocks have attention), and the tests check it against diffusers' own original -> diffusers
+    mapping on SD 1.5 / SD 2.x / SDXL sized models. The SD 1.x text
     encoder is written with ``cond_stage_model.transformer.text_model.`` keys (the layout
     transformers 4.x, A1111 and kohya read; transformers 5 drops ``text_model.`` from its own keys);
-    the SD 2.x text encoder in OpenCLIP's layout (``cond_stage_model.model.``, fused ``in_proj``).
+    the SD 2.x text encoder in OpenCLIP's layout (``cond_stage_model.model.``, fused ``in_proj``);
+    SDXL's encoders under ``conditioner.embedders.0.transformer.text_model.`` and, in OpenCLIP's
+    layout, ``conditioner.embedders.1.model.``.
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIPTextModel layout
 CLIP_TEXT_PREFIX = CLIP_PREFIX + "text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP layout
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL encoder 1: CLIP ViT-L, transformers layout
+SDXL_CLIP_TEXT_PREFIX = SDXL_CLIP_PREFIX + "text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL encoder 2: OpenCLIP bigG layout
 
 # Metadata keys this module writes (safetensors header; a ``sdlora_metadata`` dict in .ckpt files).
 META_CONFIGS = "sdlora.diffusers_configs"
@@ -72,9 +81,10 @@ META_PREDICTION = "sdlora.prediction_type"
 META_PAD_TOKEN = "sdlora.tokenizer_pad_token"
 CKPT_METADATA_KEY = "sdlora_metadata"
 
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SD2_PAD_TOKEN = "!"  # OpenCLIP pads with "!" (id 0); SD 1.x pads with <|endoftext|>
+SDXL_RESOLUTION = 1024
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 # Schedulers a stored config may name; anything else falls back to DDIM.
@@ -262,6 +272,7 @@ class SingleFileInfo:
     problem: str | None = None  # why it cannot be loaded, or None
     configs: dict[str, dict[str, Any]] | None = None  # diffusers configs stored in the file
     pad_token: str | None = None
+    zero_terminal_snr: bool = False  # the file marks a zero-terminal-SNR schedule ("ztsnr" key)
 
     @property
     def supported(self) -> bool:
@@ -299,15 +310,34 @@ def _not_a_base_model(path: Path, keys: list[str]) -> ModelLoadError:
     return ModelLoadError(f"{path} is {what}.")
 
 
+def _other_architecture(keys: list[str], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The name of a known model family this app does not load, from distinctive keys."""
+    def has(fragment: str) -> bool:
+        return any(fragment in k for k in keys)
+
+    if has("joint_blocks.") and has("context_block."):
+        return "Stable Diffusion 3 / 3.5 (MMDiT)"
+    if has("double_blocks.") and has("single_blocks."):
+        return "FLUX"
+    if any(k.endswith("clip_txt_mapper.weight") for k in keys) or has(".channelwise."):
+        return "Stable Cascade (Würstchen)"
+    if "edm_mean" in shapes or "edm_std" in shapes:
+        return "Playground v2.5 (EDM)"
+    if _has_prefix(keys, "conditioner.embedders.0.model.") and not _has_prefix(keys, SDXL_CLIP_PREFIX):
+        return "the SDXL refiner"
+    return None
+
+
 def _parse_configs(path: Path, metadata: Mapping[str, str]) -> dict[str, dict[str, Any]] | None:
     raw = metadata.get(META_CONFIGS)
     if raw is None:
         return None
     try:
         configs = json.loads(raw)
-        ok = isinstance(configs, dict) and all(
-            isinstance(configs.get(k), dict) for k in ("unet", "vae", "text_encoder", "scheduler")
-        )
+        needed = ("unet", "vae", "text_encoder", "scheduler")
+        if metadata.get(META_FAMILY) == "sdxl":
+            needed += ("text_encoder_2",)
+        ok = isinstance(configs, dict) and all(isinstance(configs.get(k), dict) for k in needed)
     except ValueError:
         ok = False
     if not ok:
@@ -334,17 +364,25 @@ def _inspect(ckpt: _Checkpoint) -> SingleFileInfo:
     keys = list(shapes)
     notes: list[str] = []
 
-    if _has_prefix(keys, "conditioner.embedders.") or f"{UNET_PREFIX}label_emb.0.0.weight" in shapes:
-        return SingleFileInfo(
-            path, ckpt.format, "sdxl", "v_prediction" if "v_pred" in shapes else "epsilon", 1024,
-            notes=["SDXL layout (two text encoders under conditioner.embedders)"],
-            problem=f"{path} is an SDXL checkpoint; SDXL base models are not supported yet. Use an SD 1.x or SD 2.x model.",
+    other = _other_architecture(keys, shapes)
+    if other is not None:
+        raise ModelLoadError(
+            f"{path} is a {other} checkpoint; only Stable Diffusion 1.x, 2.x and SDXL base models can be "
+            "loaded. Use one of those families."
         )
     if not _has_prefix(keys, UNET_PREFIX):
         raise _not_a_base_model(path, keys)
 
     configs = _parse_configs(path, metadata)
-    if _has_prefix(keys, OPENCLIP_PREFIX):
+    sdxl = _has_prefix(keys, "conditioner.embedders.") or f"{UNET_PREFIX}label_emb.0.0.weight" in shapes
+    if sdxl:
+        family = "sdxl"
+        found = [name for name, prefix in (("CLIP ViT-L", SDXL_CLIP_PREFIX), ("OpenCLIP bigG", SDXL_OPENCLIP_PREFIX))
+                 if _has_prefix(keys, prefix)]
+        layout = "text encoders " + " + ".join(found) if len(found) == 2 else "no text encoder"
+        if len(found) == 1:
+            layout = "only one text encoder"
+    elif _has_prefix(keys, OPENCLIP_PREFIX):
         family, layout = "sd2", "OpenCLIP text encoder (cond_stage_model.model.)"
     elif _has_prefix(keys, CLIP_PREFIX):
         family, layout = "sd1", "CLIP text encoder (cond_stage_model.transformer.)"
@@ -363,8 +401,9 @@ def _inspect(ckpt: _Checkpoint) -> SingleFileInfo:
     in_channels = shapes[in_key][1] if in_key in shapes and len(shapes[in_key]) == 4 else 4
     if configs is not None:
         in_channels = int(configs["unet"].get("in_channels", in_channels))
-    if layout == "no text encoder":
-        problem = f"{path} has no text encoder weights (no cond_stage_model.* keys); use a full checkpoint."
+    if layout in ("no text encoder", "only one text encoder"):
+        where = "conditioner.embedders.0 and .1" if family == "sdxl" else "cond_stage_model"
+        problem = f"{path} has {layout} weights (expected under {where}); use a full checkpoint."
     elif not _has_prefix(keys, VAE_PREFIX):
         problem = f"{path} has no VAE weights (no first_stage_model.* keys); use a full checkpoint."
     elif in_channels != 4:
@@ -387,7 +426,7 @@ def _inspect(ckpt: _Checkpoint) -> SingleFileInfo:
     if prediction is None and "v_pred" in shapes:
         prediction = "v_prediction"
         notes.append("v-prediction marked by the 'v_pred' key")
-    if prediction is None and family == "sd1":
+    if prediction is None and family in ("sd1", "sdxl"):
         prediction = "epsilon"
     if prediction is None:
         prediction = _guess_sd2_prediction(ckpt, in_channels, notes)
@@ -396,12 +435,17 @@ def _inspect(ckpt: _Checkpoint) -> SingleFileInfo:
         unet_cfg, vae_cfg = configs["unet"], configs["vae"]
         scale = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
         resolution = int(unet_cfg.get("sample_size", 64)) * scale
+    elif family == "sdxl":
+        resolution = SDXL_RESOLUTION
     else:
         resolution = 768 if (family == "sd2" and prediction == "v_prediction") else 512
+    if family == "sdxl" and "ztsnr" in shapes:
+        notes.append("trained with zero terminal SNR (the 'ztsnr' key): the noise schedule is rescaled")
     pad = metadata.get(META_PAD_TOKEN)
     return SingleFileInfo(
         path, ckpt.format, family, prediction, resolution, notes=notes, problem=problem,
         configs=configs, pad_token=pad if pad in ("<|endoftext|>", SD2_PAD_TOKEN) else None,
+        zero_terminal_snr=family == "sdxl" and "ztsnr" in shapes,
     )
 
 
@@ -450,13 +494,20 @@ def shipped_config_dir(family: str, prediction_type: str) -> Path:
 
 
 def family_tokenizer(family: str, pad_token: str | None = None):
-    """The shipped CLIP tokenizer; SD 2.x (OpenCLIP) pads with "!" instead of <|endoftext|>."""
-    from .tokenizer import MAX_LENGTH, TOKENIZER_DIR, clip_tokenizer
+    """The shipped CLIP tokenizer; SD 2.x (OpenCLIP) pads with "!" instead of <|endoftext|>.
+
+    For SDXL this is the first tokenizer; the second is :func:`sdlora.models.tokenizer.openclip_tokenizer`.
+    """
+    from .tokenizer import clip_tokenizer, openclip_tokenizer
 
     pad = pad_token or (SD2_PAD_TOKEN if family == "sd2" else None)
     if pad is None or pad == clip_tokenizer().pad_token:
         return clip_tokenizer()
+    if pad == SD2_PAD_TOKEN:
+        return openclip_tokenizer()
     from transformers import CLIPTokenizer
+
+    from .tokenizer import MAX_LENGTH, TOKENIZER_DIR
 
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=MAX_LENGTH, pad_token=pad)
 
@@ -474,9 +525,11 @@ def scheduler_from_config(config: Mapping[str, Any], prediction_type: str | None
 
 
 def _write_config_dir(configs: Mapping[str, Mapping[str, Any]], root: Path) -> Path:
-    for name, cfg in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json")):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if name not in configs:
+            continue
         (root / name).mkdir(parents=True, exist_ok=True)
-        (root / name / cfg).write_text(json.dumps(configs[name]), encoding="utf-8")
+        (root / name / "config.json").write_text(json.dumps(configs[name]), encoding="utf-8")
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"]), encoding="utf-8")
     return root
@@ -538,11 +591,12 @@ def load_single_file(
     *,
     dtype: torch.dtype = torch.float32,
     prediction_type: str | None = None,
-) -> tuple[StableDiffusionPipeline, SingleFileInfo]:
-    """Build a ``StableDiffusionPipeline`` from an original-layout ``.safetensors`` / ``.ckpt``.
+) -> tuple[Any, SingleFileInfo]:
+    """Build a ``StableDiffusionPipeline`` (SD 1.x/2.x) or ``StableDiffusionXLPipeline`` (SDXL)
+    from an original-layout ``.safetensors`` / ``.ckpt``.
 
     Offline: configs come from the file's metadata (files written by :func:`save_single_file`) or
-    from the shipped SD 1.x / SD 2.x folders, the tokenizer from ``sdlora/models/tokenizer/``.
+    from the shipped folders (:mod:`.shipped`), the tokenizers from ``sdlora/models/tokenizer/``.
     ``prediction_type`` overrides what detection found.
     """
     ckpt = _open_checkpoint(path)
@@ -558,16 +612,18 @@ def load_single_file(
         if info.configs is None and info.family == "sd2":
             info.resolution = 768 if prediction_type == "v_prediction" else 512
 
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel
+
+    from .shipped import text_encoder_class
 
     state = _normalise_clip_keys(ckpt.state_dict())
     label = FAMILY_NAMES[info.family]
+    parts = ("text_encoder", "text_encoder_2") if info.family == "sdxl" else ("text_encoder",)
     with tempfile.TemporaryDirectory(prefix="sdlora-configs-") as tmp, quiet_dtype_warning():
         if info.configs is not None:
             config_dir = _write_config_dir(info.configs, Path(tmp))
-            scheduler_cfg = info.configs["scheduler"]
+            scheduler_cfg = dict(info.configs["scheduler"])
         else:
             config_dir = shipped_config_dir(info.family, info.prediction_type)
             scheduler_cfg = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text("utf-8"))
@@ -575,10 +631,13 @@ def load_single_file(
         try:
             unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
             vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
-            text_encoder = create_diffusers_clip_model_from_ldm(
-                CLIPTextModel, checkpoint=state, subfolder="text_encoder", config=str(config_dir),
-                torch_dtype=dtype, local_files_only=True,
-            )
+            encoders = {
+                part: create_diffusers_clip_model_from_ldm(
+                    text_encoder_class(info.family, part), checkpoint=state, subfolder=part,
+                    config=str(config_dir), torch_dtype=dtype, local_files_only=True,
+                )
+                for part in parts
+            }
         except ModelLoadError:
             raise
         except Exception as e:  # diffusers raises ValueError/RuntimeError/KeyError on mismatches
@@ -588,16 +647,40 @@ def load_single_file(
             ) from e
     del state
     ckpt.release()
-    for model, what in ((unet, "UNet"), (vae, "VAE"), (text_encoder, "text encoder")):
+    models = {"UNet": unet, "VAE": vae, **{p.replace("_", " "): m for p, m in encoders.items()}}
+    for what, model in models.items():
         _check_complete(model, what, ckpt.path)
         _own_memory(model)
+    if info.zero_terminal_snr:
+        scheduler_cfg["rescale_betas_zero_snr"] = True
+    scheduler = scheduler_from_config(scheduler_cfg, info.prediction_type)
+
+    if info.family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        from .tokenizer import clip_tokenizer, openclip_tokenizer
+
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=encoders["text_encoder"],
+            text_encoder_2=encoders["text_encoder_2"],
+            tokenizer=clip_tokenizer(),
+            tokenizer_2=openclip_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+        return pipe, info
+
+    from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=vae,
-        text_encoder=text_encoder,
+        text_encoder=encoders["text_encoder"],
         tokenizer=family_tokenizer(info.family, info.pad_token),
         unet=unet,
-        scheduler=scheduler_from_config(scheduler_cfg, info.prediction_type),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -696,19 +779,24 @@ def _text_state(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _clip_to_original(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {CLIP_TEXT_PREFIX + k: v for k, v in _text_state(text_encoder).items()}
+def _clip_to_original(text_encoder: torch.nn.Module, prefix: str = CLIP_TEXT_PREFIX) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in _text_state(text_encoder).items()}
 
 
-def _openclip_to_original(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """transformers ``CLIPTextModel`` -> OpenCLIP text tower keys as SD 2.x files store them.
+def _openclip_to_original(text_encoder: torch.nn.Module, prefix: str = OPENCLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` -> OpenCLIP text tower keys
+    as SD 2.x files (``prefix`` ``cond_stage_model.model.``) and SDXL files (encoder 2,
+    ``conditioner.embedders.1.model.``) store them.
 
-    q/k/v projections are fused into ``in_proj_weight`` / ``in_proj_bias``. SD 2.x runs 23 of the
-    24 OpenCLIP layers and never uses ``text_projection``; a 23-layer encoder gets a copy of its
-    last layer as layer 23, an identity ``text_projection`` and CLIP's initial ``logit_scale`` so
-    that loaders expecting the full OpenCLIP key set find it (none of these change the output).
+    q/k/v projections are fused into ``in_proj_weight`` / ``in_proj_bias``. A model with a
+    projection (SDXL's encoder 2) stores it as ``text_projection`` transposed (OpenCLIP multiplies
+    ``x @ text_projection``). SD 2.x runs 23 of the 24 OpenCLIP layers and never uses
+    ``text_projection``; a 23-layer encoder without projection gets a copy of its last layer as
+    layer 23 and an identity ``text_projection``. ``logit_scale`` is CLIP's initial value, so that
+    loaders expecting the full OpenCLIP key set find it (none of these change the output).
     """
     state = _text_state(text_encoder)
+    projection = state.pop("text_projection.weight", None)
     hidden = int(text_encoder.config.hidden_size)
     out: dict[str, torch.Tensor] = {}
     names = {
@@ -746,20 +834,28 @@ def _openclip_to_original(text_encoder: torch.nn.Module) -> dict[str, torch.Tens
         out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
 
     num_layers = int(text_encoder.config.num_hidden_layers)
-    if num_layers == 23:
+    if num_layers == 23 and projection is None:
         last = f"transformer.resblocks.{num_layers - 1}."
         for k in [k for k in out if k.startswith(last)]:
             out[f"transformer.resblocks.{num_layers}." + k[len(last):]] = out[k].clone()
     ref = out["ln_final.weight"]
-    out["text_projection"] = torch.eye(hidden, dtype=ref.dtype, device=ref.device)
+    if projection is not None:
+        out["text_projection"] = projection.T
+    else:
+        out["text_projection"] = torch.eye(hidden, dtype=ref.dtype, device=ref.device)
     out["logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=ref.dtype, device=ref.device)
-    return {OPENCLIP_PREFIX + k: v for k, v in out.items()}
+    return {prefix + k: v for k, v in out.items()}
 
 
 def infer_family(pipe: Any) -> str:
-    """``"sd1"`` or ``"sd2"`` for a diffusers pipeline (SDXL pipelines raise ValueError)."""
-    if getattr(pipe, "text_encoder_2", None) is not None or pipe.unet.config.get("addition_embed_type"):
-        raise ValueError("SDXL pipelines are not supported yet")
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` for a diffusers pipeline (ValueError for other UNets)."""
+    added = pipe.unet.config.get("addition_embed_type")
+    if getattr(pipe, "text_encoder_2", None) is not None or added == "text_time":
+        if getattr(pipe, "text_encoder", None) is None:
+            raise ValueError("SDXL refiner pipelines (no first text encoder) are not supported")
+        return "sdxl"
+    if added:
+        raise ValueError(f"UNet with addition_embed_type={added!r} is not an SD 1.x/2.x/SDXL model")
     cross = pipe.unet.config.get("cross_attention_dim")
     if cross == 768:
         return "sd1"
@@ -770,28 +866,47 @@ def infer_family(pipe: Any) -> str:
 
 
 def to_original_state_dict(
-    unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, family: str
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    family: str,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Diffusers UNet + VAE + CLIP text encoder -> one state dict in the original single-file layout.
+    """Diffusers UNet + VAE + text encoder(s) -> one state dict in the original single-file layout.
 
-    Tensors are the models' own (no copies, except the fused SD 2.x q/k/v and the filler weights
-    described in :func:`_openclip_to_original`); works on the meta device too.
+    SD 1.x: CLIP under ``cond_stage_model.transformer.text_model.``; SD 2.x: OpenCLIP under
+    ``cond_stage_model.model.``; SDXL (``text_encoder_2`` required): CLIP under
+    ``conditioner.embedders.0.transformer.text_model.`` and OpenCLIP bigG under
+    ``conditioner.embedders.1.model.``. Tensors are the models' own (no copies, except fused q/k/v,
+    the transposed projection and the filler weights described in :func:`_openclip_to_original`);
+    works on the meta device too.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    if (family == "sdxl") != (text_encoder_2 is not None):
+        raise ValueError("text_encoder_2 is required for SDXL and only for SDXL")
     state = _unet_to_original(unet.state_dict(), unet.config)
     state.update(_vae_to_original(vae.state_dict(), vae.config))
-    state.update(_clip_to_original(text_encoder) if family == "sd1" else _openclip_to_original(text_encoder))
+    if family == "sd1":
+        state.update(_clip_to_original(text_encoder))
+    elif family == "sd2":
+        state.update(_openclip_to_original(text_encoder))
+    else:
+        state.update(_clip_to_original(text_encoder, SDXL_CLIP_TEXT_PREFIX))
+        state.update(_openclip_to_original(text_encoder_2, SDXL_OPENCLIP_PREFIX))
     return state
 
 
 def _configs_of(pipe: Any) -> dict[str, dict[str, Any]]:
-    return {
+    configs = {
         "unet": json.loads(pipe.unet.to_json_string()),
         "vae": json.loads(pipe.vae.to_json_string()),
         "text_encoder": json.loads(pipe.text_encoder.config.to_json_string(use_diff=False)),
         "scheduler": json.loads(pipe.scheduler.to_json_string()),
     }
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        configs["text_encoder_2"] = json.loads(pipe.text_encoder_2.config.to_json_string(use_diff=False))
+    return configs
 
 
 def _modelspec(family: str, prediction: str, resolution: int, title: str) -> dict[str, str]:
@@ -800,6 +915,8 @@ def _modelspec(family: str, prediction: str, resolution: int, title: str) -> dic
         ("sd1", "v_prediction"): "stable-diffusion-v1",
         ("sd2", "epsilon"): "stable-diffusion-v2-512",
         ("sd2", "v_prediction"): "stable-diffusion-v2-768-v",
+        ("sdxl", "epsilon"): "stable-diffusion-xl-v1-base",
+        ("sdxl", "v_prediction"): "stable-diffusion-xl-v1-base",
     }[(family, prediction)]
     return {
         "modelspec.sai_model_spec": "1.0.0",
@@ -832,7 +949,8 @@ def save_single_file(
     metadata: Mapping[str, str] | None = None,
     family: str | None = None,
 ) -> Path:
-    """Write a pipeline's UNet, VAE and text encoder as one original-layout checkpoint.
+    """Write a pipeline's UNet, VAE and text encoder(s) as one original-layout checkpoint (SD 1.x /
+    2.x in the LDM layout, SDXL in the SGM layout, see :func:`to_original_state_dict`).
 
     ``.safetensors`` or ``.ckpt`` by suffix; written to a temp name and renamed. ``dtype`` casts
     floating-point weights (e.g. ``torch.float16``). ``metadata`` adds string entries to the
@@ -854,7 +972,9 @@ def save_single_file(
     prediction = _normalise_prediction(pipe.scheduler.config.get("prediction_type", "epsilon")) or "epsilon"
     resolution = int(pipe.unet.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
 
-    state = to_original_state_dict(pipe.unet, pipe.vae, pipe.text_encoder, family)
+    state = to_original_state_dict(
+        pipe.unet, pipe.vae, pipe.text_encoder, family, getattr(pipe, "text_encoder_2", None) if family == "sdxl" else None
+    )
     if prediction == "v_prediction":
         state["v_pred"] = torch.tensor([])
     tensors: dict[str, torch.Tensor] = {}
