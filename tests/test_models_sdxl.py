@@ -200,6 +200,22 @@ def test_folder_round_trip_and_listing(tiny_sdxl_dir, reference_image, tmp_path)
     assert "SDXL" in entry["label"]
 
 
+def test_hub_id_from_local_cache(tiny_sdxl_dir, reference_image, tmp_path, monkeypatch):
+    import shutil
+
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--someone--tiny-sdxl"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_sdxl_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = load_base("someone/tiny-sdxl")
+    assert (base.source, base.family, base.resolution) == ("someone/tiny-sdxl", "sdxl", 64)
+    assert np.array_equal(reference_image, _image(base.pipe))
+
+
 def test_sdxl_cli_tiny_model(tmp_path):
     from sdlora.cli import main
 
