@@ -12,7 +12,7 @@ param groups. Printed, all measured in the same run:
   speed settings of ``sdlora.train.speed.prepare_for_training`` ("sdlora") and without them
   ("plain": the same step on the unmodified layers), interleaved step by step so that changing
   machine load hits both alike, and their ratio;
-* the FLOPs of one step (``sdlora.train.perf.count_flops``) and the achieved FLOP/s as a share of
+* the FLOPs of one step (``sdlora.train.measure.count_flops``) and the achieved FLOP/s as a share of
   this machine's matmul peak (``torch.mm`` and oneDNN's matmul on 2048 x 2048 matrices, fp32 and
   bf16, measured at the start and the end of the run; the best counts);
 * CPU seconds per step and how many cores other processes used meanwhile (``/proc/stat``);
@@ -172,7 +172,7 @@ class Trainer:
         from sdlora.lora import inject_adapters
         from sdlora.train.config import lora_spec
         from sdlora.train.loop import _make_optimizer
-        from sdlora.train.perf import resolve_precision
+        from sdlora.train.precision import resolve_precision
         from sdlora.train.speed import SpeedOptions, prepare_for_training
 
         AcceleratorState._reset_state(True)  # one process measures several precisions
@@ -215,7 +215,7 @@ class Trainer:
         return out.loss_instance
 
     def count_flops(self) -> float:
-        from sdlora.train.perf import count_flops
+        from sdlora.train.measure import count_flops
 
         flops = float(count_flops(self.micro_step))
         self.optimizer.zero_grad(set_to_none=True)
@@ -252,7 +252,7 @@ def timed(fn) -> dict:
 def matmul_peaks() -> dict[str, float]:
     import torch
 
-    from sdlora.train.perf import cpu_bf16_speedup, measure_matmul_flops
+    from sdlora.train.measure import cpu_bf16_speedup, measure_matmul_flops
 
     out = {}
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
@@ -418,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from sdlora.train.perf import cpu_bf16_speedup, resolve_precision
+    from sdlora.train.measure import cpu_bf16_speedup
+    from sdlora.train.precision import resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)

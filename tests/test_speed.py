@@ -1,4 +1,4 @@
-"""Speed settings for training (sdlora.train.speed) and the machine measurements (sdlora.train.perf).
+"""Speed settings for training (sdlora.train.speed) and the machine measurements (sdlora.train.measure).
 
 The fast layers must compute what the plain layers compute: outputs and input gradients are
 compared with the unmodified layer on inputs large enough to take the fast path.
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sdlora.train import speed
-from sdlora.train.perf import count_flops, measure_matmul_flops
+from sdlora.train.measure import count_flops, measure_matmul_flops
 from sdlora.train.speed import FrozenConv2d, FrozenLinear, SpeedOptions, frozen_layers, prepare_for_training, restore
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a PyTorch build with oneDNN")

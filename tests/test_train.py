@@ -258,7 +258,8 @@ def test_prior_preservation_generates_class_images_once(tmp_path, tiny_model_dir
 
 
 def test_precision_choice_measures_the_cpu():
-    from sdlora.train.perf import cpu_bf16_speedup, resolve_precision
+    from sdlora.train.measure import cpu_bf16_speedup
+    from sdlora.train.precision import resolve_precision
 
     # An AVX2-only CPU: bf16 convolutions hundreds of times slower than fp32.
     assert resolve_precision("auto", "cpu", bf16_speedup=0.005) == ("no", None)

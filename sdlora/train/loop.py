@@ -21,7 +21,8 @@ from .checkpoint import inject_run_adapter, load_checkpoint, prune_checkpoints, 
 from .config import ConfigError, TrainConfig, learning_rates
 from .export import save_dtype, save_facts, write_run_lora
 from .events import Callback, Checkpoint, Done, EventLog, Failed, Message, Start, Step, Stopped, Warning_
-from .perf import count_flops, matmul_peak_flops, resolve_precision
+from .measure import count_flops, matmul_peak_flops
+from .precision import resolve_precision
 from .speed import prepare_for_training
 from .runs import RunDir
 from .step import diffusion_loss, sample_noise
