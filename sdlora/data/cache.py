@@ -66,12 +66,6 @@ def _digest(key: Mapping[str, Any]) -> tuple[str, str]:
     return hashlib.sha256(text.encode("utf-8")).hexdigest(), text
 
 
-def _as_dict(value: TextOutput) -> dict[str, torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return {_TENSOR_KEY: value}
-    return dict(value)
-
-
 def _from_dict(tensors: dict[str, torch.Tensor]) -> TextOutput:
     if set(tensors) == {_TENSOR_KEY}:
         return tensors[_TENSOR_KEY]

@@ -89,6 +89,7 @@ class ImageCaptionDataset(Dataset):
         self.flip_aug = bool(flip_aug)
         self.seed = int(seed)
         self.reduced_jpeg_decode = reduced_jpeg_decode
+        #: The epoch of plain integer keys (keys from the sampler carry their own).
         self.epoch = 0
         #: The folder scan this dataset was built from, when built by :meth:`from_folder`.
         self.scan: DatasetScan | None = None
@@ -115,10 +116,6 @@ class ImageCaptionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._item_of_index)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch used for plain integer keys."""
-        self.epoch = int(epoch)
 
     def item_index(self, index: int) -> int:
         """Which image (position in :attr:`items`) sample ``index`` shows."""

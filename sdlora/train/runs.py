@@ -174,7 +174,7 @@ class RunDir:
         st = self.status()
         return st["state"] in ("running", "queued") and pid_alive(st.get("pid"))
 
-    def start_process(self, *, resume: bool = True) -> int:
+    def start_process(self) -> int:
         """Start ``sdlora train --resume RUN_DIR`` as a child process in its own session."""
         if self.is_running():
             raise RuntimeError(f"run {self.name} is already running")
