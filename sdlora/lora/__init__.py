@@ -8,6 +8,13 @@ Typical use::
     optimizer = torch.optim.AdamW(adapter.param_groups(unet_lr=1e-4, text_encoder_lr=5e-5))
     ...
     save_lora(adapter, "style.safetensors", metadata={"ss_steps": 1000})
+
+SDXL (two text encoders; kohya names in SDXL's original layout)::
+
+    adapter = inject_adapters(pipe.unet, pipe.text_encoder, spec, text_encoder_2=pipe.text_encoder_2)
+    adapter.param_groups(unet_lr=1e-4, text_encoder_lr=5e-5, text_encoder_2_lr=None)  # None: as text_encoder_lr
+    save_lora(adapter, "style_xl.safetensors", family="sdxl", resolution=1024)
+    load_lora("other_xl.safetensors", pipe.unet, pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from .errors import LoraError
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """Settings of one adapter, shared by the UNet and (optionally) the text encoder.
+    """Settings of one adapter, shared by the UNet and (optionally) the text encoder(s).
 
     Ranks and alphas follow kohya's conventions so that the exported file's metadata is true:
 
@@ -20,8 +20,8 @@ class LoraSpec:
     * ``conv_rank``/``conv_alpha`` apply to Conv2d layers with a larger kernel (3x3 resnet and
       sampler convs, only targeted by the ``full`` preset; kohya's ``conv_dim``/``conv_alpha``).
       ``None`` means "same as ``rank``/``alpha``";
-    * ``text_encoder_rank``/``text_encoder_alpha`` apply to the text encoder when
-      ``text_encoder`` is true. ``None`` means "same as ``rank``/``alpha``".
+    * ``text_encoder_rank``/``text_encoder_alpha`` apply to the text encoder (SDXL: both text
+      encoders) when ``text_encoder`` is true. ``None`` means "same as ``rank``/``alpha``".
 
     ``alpha=None`` means ``alpha = rank`` (scale 1); a ``None`` conv or text-encoder alpha is
     ``alpha`` (so the scale of those layers is ``alpha / conv_rank`` etc.). The output of an adapted layer is

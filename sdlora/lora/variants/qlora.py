@@ -21,14 +21,14 @@ small layer (forward and backward) on the model's device before anything is chan
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import LoraError
 from ..spec import LoraSpec
-from ..targets import TargetPlan
+from ..targets import Component, TargetPlan
 from .lora import PlainLora
 
 QUANT_TYPE = "nf4"
@@ -148,6 +148,15 @@ class QLora(PlainLora):
     kohya_network_module = "networks.lora"
     option_names = frozenset({"loraplus_lr_ratio"})
     checkpoint_is_plain = True
+
+    def check_models(self, models: Mapping[Component, nn.Module], spec: LoraSpec) -> None:
+        """Probe the 4-bit path for every model (UNet and each text encoder) before any is quantised,
+        so that an SDXL setup fails before the UNet is changed when an encoder cannot run NF4."""
+        for model in models.values():
+            linear = [m for m in model.modules() if type(m) is nn.Linear]
+            if linear:
+                narrowest = min(linear, key=lambda m: m.in_features)
+                check_support(_device_of(model), narrowest.in_features, narrowest.out_features)
 
     def inject(self, model: nn.Module, plan: TargetPlan, spec: LoraSpec, adapter_name: str) -> None:
         quantize_linear_layers(model)
