@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sdlora.ui.testing import AppProcess, copy_tiny_model, make_images, make_zip
+from app_testing import AppProcess, copy_tiny_model, make_images, make_zip
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

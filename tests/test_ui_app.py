@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlora.ui.testing import (QUICK, AppProcess, broken_model, copy_tiny_model, make_images, make_zip, png_bytes,
+from app_testing import (QUICK, AppProcess, broken_model, copy_tiny_model, make_images, make_zip, png_bytes,
                                striped, wait_for)
 
 gradio_client = pytest.importorskip("gradio_client")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from sdlora.ui.testing import AppProcess
+from app_testing import AppProcess
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from sdlora.train.runs import RunDir, pid_alive
-from sdlora.ui.testing import QUICK, AppProcess, copy_tiny_model, make_images, stop_all_training, wait_for
+from app_testing import QUICK, AppProcess, copy_tiny_model, make_images, stop_all_training, wait_for
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402

@@ -1,4 +1,4 @@
-"""Running the web app in a child process, and small datasets, for end-to-end tests and scripts.
+"""Test helpers: the web app in a child process, and small datasets, for the end-to-end tests.
 
 ``AppProcess.start(runs_dir, models_dir)`` launches ``python app.py`` on a free port and waits until
 it answers; ``stop()`` ends it and every training process it started (they run in their own
@@ -10,7 +10,6 @@ model.
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import signal
@@ -27,9 +26,9 @@ from typing import Any, Callable, Sequence
 
 from PIL import Image, ImageDraw
 
-from ..train.runs import RunDir, pid_alive
+from sdlora.train.runs import RunDir, pid_alive
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -222,10 +221,3 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last value: {last!r}")
-
-
-def read_status(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
