@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import LoraFileError
+from ..errors import LoraFileError, LoraShapeMismatchError
 from ..targets import Component, is_text_encoder
 from ..variants import get_method, method_for_file
 from ..weights import LoraWeights, ModuleLora
@@ -47,6 +47,10 @@ def models_for(family: str, prediction_type: str, base: str | os.PathLike[str] |
                 "was trained on (sdlora export --base MODEL)."
             )
         return meta_models(family, prediction_type)
+    return _base_models(base)
+
+
+def _base_models(base: str | os.PathLike[str]) -> dict[str, Any]:
     from ...models.loading import load_base
 
     loaded = load_base(str(base))
@@ -127,7 +131,14 @@ def export_from(
     if family not in _SHIPPED:  # named by the given base model
         family = "sdxl" if "text_encoder_2" in models else (
             file.metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v2") and "sd2" or "sd1")
-    weights, unknown = match_to_model(file, models["unet"], models["text_encoder"], models.get("text_encoder_2"))
+    try:
+        weights, unknown = match_to_model(file, models["unet"], models["text_encoder"], models.get("text_encoder_2"))
+    except LoraShapeMismatchError:
+        if base is None or family not in _SHIPPED:
+            raise
+        # The family's layout with other widths (e.g. a small SDXL-architecture model): the base names it.
+        models = _base_models(base)
+        weights, unknown = match_to_model(file, models["unet"], models["text_encoder"], models.get("text_encoder_2"))
     if unknown:
         raise LoraFileError(f"{src}: {len(unknown)} key(s) match no {family} layer (e.g. {unknown[0]}); not exporting a partial file.")
     # The method the file belongs to decides how it is re-ranked (DyLoRA: truncation, not SVD).

@@ -337,7 +337,8 @@ class AdaLora(AdapterMethod):
             "target_total_rank": target_rank(adapter.spec) * len(layers),
             "total_rank": sum(kept.values()),
             "total_rank_by_component": {k: v for k, v in kept.items() if v},
-            "final": bool(state.schedule is not None and state.budget == target_rank(adapter.spec) * len(layers)),
+            # the budget a checkpoint restores too, so a step export of the last step says the same as the run's file
+            "final": bool(state.budget is not None and state.budget == target_rank(adapter.spec) * len(layers)),
         }
         return {"sdlora_adalora": json.dumps(summary)}
 
