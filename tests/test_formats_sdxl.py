@@ -360,3 +360,19 @@ def test_export_sdxl_file(tmp_path, full_size_file, fmt):
     else:
         assert sum(k.startswith("text_encoder_2.text_model.") for k in file.tensors) == 2 * 192
     assert {tuple(t.shape)[0] for k, t in file.tensors.items() if k.endswith(("lora_down.weight", "lora_A.weight"))} == {1}
+
+
+def test_export_small_sdxl_architecture_file_with_its_base(tmp_path, tiny_pair):
+    """A file of an SDXL-architecture model with other widths is named through the given base."""
+    pipe, _ = tiny_pair
+    adapter = _trained_adapter(pipe, preset="attn-mlp")
+    path = save_lora(adapter, tmp_path / "tiny_xl.safetensors", family="sdxl", dtype="fp32", resolution=64)
+    from sdlora.lora import LoraShapeMismatchError
+
+    with pytest.raises(LoraShapeMismatchError, match="SDXL"):
+        export_from(path, out=tmp_path / "no_base.safetensors")
+    out = export_from(path, fmt="diffusers", out=tmp_path / "tiny_xl_diffusers.safetensors", base="tiny-sdxl")
+    file = read_lora_file(out)
+    assert any(k.startswith("text_encoder_2.text_model.") for k in file.tensors)
+    again = export_from(out, out=tmp_path / "tiny_xl_again.safetensors", base="tiny-sdxl")
+    assert _module_names(read_lora_file(again).tensors) == _module_names(read_lora_file(path).tensors)
