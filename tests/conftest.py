@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny real-architecture models built in the test session (no downloads)."""
+"""Shared fixtures: tiny real-architecture models built in the test session (no downloads), threads.
+
+Helper functions shared by several modules live in ``helpers.py`` (training data, configs, fresh
+diffusers pipelines), ``variant_helpers.py`` (method runs) and ``app_testing.py`` (the app in a child
+process); tests import them by module name (pytest puts ``tests/`` on the path)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,15 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+@pytest.fixture()
+def single_thread():
+    """torch on one thread for the test, whatever OMP_NUM_THREADS says (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

@@ -2,72 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import re
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from sdlora.generate import Previewer
 from sdlora.lora import LoraSpec, inject_adapters, inspect_file, load_lora, save_lora
 from sdlora.models.tiny import build_tiny_pipeline
 
+from helpers import GEN, PROMPT, diffusers_load_checked, fresh_pipeline
 
-PROMPT = "a watercolor fox in the snow"
-GEN = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np")
-_BAD = re.compile(r"not loaded|unexpected|missing|ignored|not found|incompatible|did not match|mismatch", re.I)
-
-
-@contextmanager
-def captured_messages():
-    """Collect warnings and diffusers/peft/transformers log records (at INFO and above)."""
-    records: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(f"{record.name}: {record.getMessage()}")
-
-    handler = Collect(logging.INFO)
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers", "")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield records
-        records.extend(f"warning: {w.message}" for w in caught)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-
-
-def fresh_pipeline(model_dir: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def diffusers_load_checked(pipe, path: Path, adapter_name: str | None = None) -> None:
-    """``load_lora_weights`` that fails on any complaint and on any module it did not place."""
-    info = inspect_file(path)
-    with captured_messages() as messages:
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
-    complaints = [m for m in messages if _BAD.search(m)]
-    assert not complaints, complaints
-    placed = {
-        "unet": sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules()),
-        "text_encoder": sum(isinstance(m, BaseTunerLayer) for m in pipe.text_encoder.modules()),
-    }
-    assert {k: v for k, v in placed.items() if v} == info["modules"], (placed, info["modules"])
 
 
 def tokens(pipe):

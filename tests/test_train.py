@@ -14,37 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from sdlora.resources import CONFIGS_DIR
 from sdlora.train.config import ConfigError, TrainConfig
 from sdlora.train.loop import train
 from sdlora.train.runs import RunDir
 
-CONFIG = CONFIGS_DIR / "tiny.toml"
-COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30), (200, 40, 200), (30, 200, 200)]
-
-
-def make_images(folder: Path, n: int = 6, size: int = 64) -> Path:
-    """Solid-colour squares on white with captions."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = ["red", "green", "blue", "yellow", "magenta", "cyan"]
-    for i in range(n):
-        img = Image.new("RGB", (size, size), "white")
-        c = COLOURS[i % len(COLOURS)]
-        q = size // 4
-        img.paste(Image.new("RGB", (2 * q, 2 * q), c), (q, q))
-        img.save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"a {names[i % len(names)]} square")
-    return folder
-
-
-def tiny_cfg(tmp_path: Path, data: Path, name: str, *extra: str, model: Path | None = None) -> TrainConfig:
-    sets = [f"train_data_dir={data}", f"output_dir={tmp_path / 'runs'}", f"output_name={name}"]
-    if model is not None:
-        sets.append(f"pretrained_model_name_or_path={model}")
-    return TrainConfig.from_toml(CONFIG, sets + list(extra))
+from helpers import CONFIG, make_images, tiny_cfg
 
 
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:

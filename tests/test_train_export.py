@@ -11,7 +11,7 @@ from sdlora.lora import load_lora
 from sdlora.models.loading import load_base
 from sdlora.train import RunExportError, export_run
 from sdlora.train.checkpoint import load_run_adapter
-from test_variants_b_support import assert_step_export_is_the_final_file, train_method
+from variant_helpers import assert_step_export_is_the_final_file, train_method
 
 
 def _meta(path):

@@ -17,10 +17,8 @@ from sdlora.generate import Previewer, make_scheduler
 from sdlora.lora import inspect_file
 from sdlora.train.data_glue import sample_prompts
 from sdlora.train.loop import train
-from test_formats_roundtrip import captured_messages, diffusers_load_checked, fresh_pipeline
-from test_train import make_images, tiny_cfg
-from test_variants_a_units import a1111_dora_weight
-from test_variants_b_support import assert_step_export_is_the_final_file
+from helpers import a1111_dora_weight, captured_messages, diffusers_load_checked, fresh_pipeline, make_images, tiny_cfg
+from variant_helpers import assert_step_export_is_the_final_file
 
 COMMON = ("max_train_steps=3", "save_every_n_steps=0", "learning_rate=1e-2", "text_encoder_lr=5e-3", "sample_steps=3")
 #: the trainer's preview PNG against a CPU diffusers image: rounding only, unless training ran on a GPU

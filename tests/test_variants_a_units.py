@@ -19,6 +19,8 @@ from sdlora.resources import CONFIGS_DIR
 from sdlora.train.config import TrainConfig
 from sdlora.train.config import lora_spec
 
+from helpers import a1111_dora_weight
+
 FULL = dict(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, text_encoder=True)
 
 
@@ -65,20 +67,6 @@ def _apply_weight(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> to
 
 
 # DoRA ---------------------------------------------------------------------------------------------
-
-def a1111_dora_weight(weight, down, up, alpha, dora_scale, multiplier):
-    """The weight A1111 (NetworkModule.finalize_updown + apply_weight_decompose) and ComfyUI
-    (weight_decompose) give a layer with a kohya DoRA module, written from their documented steps:
-
-    updown = up @ down * alpha / rank; merged = W + updown; norm of every input column of merged
-    (over output and kernel axes); W + multiplier * (merged * dora_scale / norm - W).
-    """
-    rank = down.shape[0]
-    updown = (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)).reshape(weight.shape) * (alpha / rank)
-    merged = weight + updown
-    columns = merged.transpose(0, 1).reshape(merged.shape[1], -1)
-    norm = columns.norm(dim=1).reshape(1, -1, *([1] * (weight.ndim - 2)))
-    return weight + multiplier * (merged * (dora_scale.reshape(norm.shape) / norm) - weight)
 
 
 def test_dora_with_b_zero_is_the_base_and_magnitude_is_the_column_norm(tiny_pipe):

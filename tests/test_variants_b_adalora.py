@@ -11,18 +11,13 @@ from sdlora.lora import LoraSpec, inject_adapters, inspect_file
 from sdlora.lora.errors import LoraError
 from sdlora.lora.variants.adalora import Schedule, budget_at, orthogonality_grads, schedule
 from sdlora.models.tiny import build_tiny_pipeline
-from test_variants_b_support import assert_same_file, assert_step_export_is_the_final_file, diffusers_image, native_preview, resume_from, train_method
+from variant_helpers import assert_same_file, assert_step_export_is_the_final_file, diffusers_image, native_preview, resume_from, train_method
 
 # 6 steps: warm-up step 0, budget shrinks over steps 1-3, final allocation at step 4 (tfinal = 2 steps)
 ARGS = "network_args={target_rank = 2, tinit = 0.0, tfinal = 0.34, delta_t = 1}"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,12 @@ from sdlora.lora.variants.delta_lora import base_change, export_delta, save_merg
 from sdlora.models.loading import load_base
 from sdlora.models.tiny import build_tiny_pipeline
 from sdlora.train.runs import RunDir
-from test_variants_b_support import (
+from variant_helpers import (
     PREVIEW, PROMPT, assert_same_file, assert_step_export_is_the_final_file, diffusers_image, native_preview, resume_from, train_method,
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

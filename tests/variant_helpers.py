@@ -1,4 +1,4 @@
-"""Helpers for the AdaLoRA / DyLoRA / LoRA-drop / Delta-LoRA tests (no tests here).
+"""Helpers for the AdaLoRA / DyLoRA / LoRA-drop / Delta-LoRA tests and the run-export tests.
 
 A method's run trains a few steps on the tiny model with the real trainer, keeping every
 checkpoint; exact resume is checked by resuming a copy of the run directory that holds only the
@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from sdlora.train.config import TrainConfig
 from sdlora.train.loop import TrainResult, train
 from sdlora.train.runs import RunDir
-from test_formats_roundtrip import GEN, PROMPT, diffusers_load_checked, fresh_pipeline
-from test_train import CONFIG, make_images
+
+from helpers import CONFIG, GEN, PROMPT, diffusers_load_checked, fresh_pipeline, make_images
 
 PREVIEW = dict(seed=11, steps=3, guidance=5.0, scheduler="DDIM", output="np")
 
