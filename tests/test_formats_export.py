@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sdlora.lora import LoraSpec, inject_adapters, inspect_file, plan_targets, resize_rank, save_lora
+from sdlora.lora import LoraError, LoraSpec, inject_adapters, inspect_file, plan_targets, resize_rank, save_lora
 from sdlora.lora.formats import LoraFileError, export_from, format_inspection, meta_models, weights_from_checkpoint
 from sdlora.lora.weights import LoraWeights, ModuleLora
 
@@ -121,5 +121,5 @@ def test_loraplus_param_groups(tiny_pipe):
     up_ids = {id(layer.lora_B["default"].weight) for _, _, layer in adapter.layers()}
     assert {id(p) for p in groups[1]["params"]} | {id(p) for p in groups[3]["params"]} == up_ids
     assert sum(len(g["params"]) for g in groups) == len(adapter.parameters())
-    with pytest.raises(Exception, match="loraplus_lr_ratio"):
+    with pytest.raises(LoraError, match="loraplus_lr_ratio"):
         inject_adapters(tiny_pipe.unet, None, LoraSpec(options={"loraplus_lr_ratio": -1}), "bad")

@@ -15,7 +15,7 @@ from sdlora.train.loop import train
 from helpers import diffusers_load_checked, fresh_pipeline, make_images, tiny_cfg
 
 PROMPT = "a red square, in tinystyle style"
-pytestmark = pytest.mark.slow  # about 20 s on 2 idle cores, 50 s on a busy machine
+pytestmark = pytest.mark.slow  # 48 s measured on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
