@@ -260,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_model_loading() -> None:
+    """No "Loading pipeline components" / "Loading weights" bars: the command's own progress is what counts."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pass_through = {"ui": cmd_ui, "demo-base": cmd_demo_base}
@@ -275,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models.loading import ModelLoadError
 
     errors += (LoraError, ModelLoadError, TrainingError, DatasetError, RunExportError)
+    if args.command in ("train", "generate", "export", "tiny-model"):
+        _quiet_model_loading()
     try:
         return args.func(args)
     except errors as e:
