@@ -91,12 +91,14 @@ def heldout_report(demo_pipe):
     return metrics.evaluate_prompt_following(demo_pipe, per_combo=4, steps=20, guidance=DEFAULT_GUIDANCE, seed=1234)
 
 
+@pytest.mark.slow  # the held-out report samples 48 images with the demo model (about 4 min on a busy 2-core machine)
 def test_samples_follow_held_out_prompts_in_colour_and_background(heldout_report):
     assert heldout_report["n"] == 48
     assert heldout_report["color_accuracy"] >= 0.8, heldout_report
     assert heldout_report["background_accuracy"] >= 0.8, heldout_report
 
 
+@pytest.mark.slow  # shares the held-out report
 def test_samples_follow_held_out_prompts_in_shape(heldout_report):
     assert heldout_report["shape_accuracy"] >= 0.7, heldout_report
 

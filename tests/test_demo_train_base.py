@@ -25,6 +25,7 @@ def _final_weights(work: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow  # 64 s measured on a busy 2-core machine
 def test_training_in_pieces_equals_training_in_one_go(tmp_path):
     one = tmp_path / "one.work"
     for stage in ("vae", "latents", "unet"):
@@ -48,6 +49,7 @@ def test_training_in_pieces_equals_training_in_one_go(tmp_path):
     assert any(r["stage"] == "latents" for r in log)
 
 
+@pytest.mark.slow  # 58 s measured on a busy 2-core machine
 def test_export_writes_a_loadable_model_with_prefixed_text_encoder(tmp_path):
     out = tmp_path / "model"
     args = ["--out", str(out), "--work-dir", str(tmp_path / "work"), *TINY,
