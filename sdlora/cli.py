@@ -276,14 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # These commands own their options (and --help); hand them everything after the name.
         return pass_through[argv[0]](argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
-    from .train import ConfigError, RunExportError, TrainingError
+    from .train import ConfigError, RunBusyError, RunExportError, TrainingError
 
     errors: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError)
     from .data.errors import DatasetError
     from .lora.errors import LoraError
     from .models.loading import ModelLoadError
 
-    errors += (LoraError, ModelLoadError, TrainingError, DatasetError, RunExportError)
+    errors += (LoraError, ModelLoadError, TrainingError, DatasetError, RunExportError, RunBusyError)
     if args.command in ("train", "generate", "export", "tiny-model"):
         _quiet_model_loading()
     try:

@@ -71,13 +71,13 @@ def test_time_ids_are_what_the_data_pipeline_did(tmp_path, tiny_sdxl_dir):
     from accelerate import Accelerator
 
     from sdlora.models.loading import load_base
-    from sdlora.train import data_glue
+    from sdlora.train import batches
     from sdlora.data.sampler import SampleKey
     from sdlora.train.events import EventLog
 
     cfg = _cfg(tmp_path, tiny_sdxl_dir, "ids", "train_text_encoder=false", "flip_aug=true")
     base = load_base(str(tiny_sdxl_dir))
-    data = data_glue.build(cfg, base, [], Accelerator(cpu=True), EventLog(None), tmp_path)
+    data = batches.build(cfg, base, [], Accelerator(cpu=True), EventLog(None), tmp_path)
     seen = set()
     for _ in range(12):
         batch = data.next_batch()

@@ -15,7 +15,7 @@ from torch import nn
 
 from sdlora.generate import Previewer, make_scheduler
 from sdlora.lora import inspect_file
-from sdlora.train.data_glue import sample_prompts
+from sdlora.train.samples import sample_prompts
 from sdlora.train.loop import train
 from helpers import a1111_dora_weight, captured_messages, diffusers_load_checked, fresh_pipeline, make_images, tiny_cfg
 from variant_helpers import assert_step_export_is_the_final_file

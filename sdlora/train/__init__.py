@@ -18,21 +18,28 @@ from .config import ConfigError, TrainConfig, lora_spec
 from .events import read_events
 from .export import RunExportError, export_run
 from .loop import TrainingError, TrainResult, prepare_run, train
-from .run_info import (DatasetCheck, RunSummary, active_run, dataset_check, export_steps, final_lora, loss_curve,
-                       run_summaries, run_summary)
-from .runs import STATES, RunDir, list_runs, pid_alive
+from .run_info import (DatasetCheck, RunSummary, active_run, base_settings, dataset_check, export_steps, final_lora,
+                       loss_curve, run_summaries, run_summary)
+from . import process as _process
+from .process import RunBusyError, lock_holder, pid_alive
+from .runs import STATES, RunDir, list_runs
 
 
 def start_run(run: RunDir | str) -> int:
-    """Train (or continue) ``run`` in a child process of its own; returns its pid."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
-    return run.start_process()
+    """Train (or continue) ``run`` in a child process of its own; returns its pid.
+
+    :class:`RunBusyError` (naming the holder) when a process trains the run already."""
+    return _process.start_run(run if isinstance(run, RunDir) else RunDir(run))
 
 
 def stop_run(run: RunDir | str, timeout: float = 0.0) -> bool:
     """Ask a training process to save a checkpoint and stop; True if one was signalled."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
-    return run.stop(timeout)
+    return _process.stop_run(run if isinstance(run, RunDir) else RunDir(run), timeout)
+
+
+def is_running(run: RunDir | str) -> bool:
+    """Whether a process trains ``run`` now."""
+    return _process.is_running(run if isinstance(run, RunDir) else RunDir(run))
 
 
 __all__ = [
@@ -40,12 +47,15 @@ __all__ = [
     "ConfigError",
     "DatasetCheck",
     "RunDir",
+    "RunBusyError",
     "RunExportError",
     "RunSummary",
     "TrainConfig",
     "TrainResult",
     "TrainingError",
     "export_run",
+    "is_running",
+    "lock_holder",
     "list_runs",
     "lora_spec",
     "pid_alive",
@@ -55,6 +65,7 @@ __all__ = [
     "stop_run",
     "train",
     "active_run",
+    "base_settings",
     "dataset_check",
     "export_steps",
     "final_lora",

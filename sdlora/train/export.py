@@ -16,11 +16,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..data import tag_frequency
 from ..paths import atomic_write_text
 from .config import TrainConfig
+from .process import check_not_training
 from .runs import RunDir
 
 FACTS_FILE = "lora_facts.json"
@@ -118,6 +121,9 @@ def export_run(run_dir: str | os.PathLike[str], *, fmt: str = "kohya", out: str 
     if not run.exists():
         raise RunExportError(f"{run.path} is not a run directory (no config.toml).")
     cfg = run.load_config()
+    if step is None:
+        # "the run's LoRA" of a run that is still training is not decided yet; a checkpoint is.
+        check_not_training(run, "export the run's final LoRA (give --step N to export a saved checkpoint)")
     facts = load_facts(run)
     if run.checkpoints():
         weights, base = checkpoint_weights(run, step)
@@ -143,3 +149,40 @@ def _resize(weights, rank: int):
     from ..lora.weights import resize_rank
 
     return truncate_rank(weights, rank) if weights.method == "dylora" else resize_rank(weights, rank)
+
+
+def training_facts(cfg: TrainConfig, data, step: int, t_start: float) -> dict[str, str]:
+    """kohya ``ss_*`` facts of the run (the file writer adds the network and model fields)."""
+    return {
+        "ss_num_train_images": str(data.num_items),
+        "ss_steps": str(step),
+        "ss_max_train_steps": str(cfg.max_train_steps),
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_learning_rate": str(cfg.learning_rate),
+        "ss_unet_lr": str(cfg.effective_unet_lr),
+        "ss_text_encoder_lr": str(cfg.text_encoder_lr if cfg.train_text_encoder else 0.0),
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_optimizer": cfg.optimizer_type,
+        "ss_batch_size_per_device": str(cfg.train_batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),
+        "ss_noise_offset": str(cfg.noise_offset or None),
+        "ss_seed": str(cfg.seed),
+        "ss_sd_model_name": Path(cfg.pretrained_model_name_or_path).name,
+        # kohya counts the tags of the caption files (not the templated training captions).
+        "ss_tag_frequency": json.dumps(tag_frequency(data.scan.items)),
+        "ss_dataset_dirs": json.dumps({g: {"n_repeats": n["repeats"], "img_count": n["images"]}
+                                       for g, n in data.scan.groups().items()}),
+        "ss_training_started_at": str(t_start),
+        "ss_training_finished_at": str(time.time()),
+        "ss_output_name": cfg.output_name,
+        "ss_caption_dropout_rate": str(cfg.caption_dropout_rate),
+        "ss_shuffle_caption": str(cfg.shuffle_caption),
+        "ss_keep_tokens": str(cfg.keep_tokens),
+        "ss_flip_aug": str(cfg.flip_aug),
+        "ss_enable_bucket": str(cfg.enable_bucket),
+        "ss_prior_loss_weight": str(cfg.prior_loss_weight),
+        "sdlora_trigger_word": cfg.trigger_word,
+        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+    }

@@ -19,11 +19,12 @@ import torch
 
 from .checkpoint import inject_run_adapter, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import ConfigError, TrainConfig, learning_rates
-from .export import save_dtype, save_facts, write_run_lora
+from .export import save_dtype, save_facts, training_facts, write_run_lora
 from .events import Callback, Checkpoint, Done, EventLog, Failed, Message, Start, Step, Stopped, Warning_
 from .measure import count_flops, matmul_peak_flops
 from .precision import resolve_precision
 from .speed import prepare_for_training
+from .process import RunLock
 from .runs import RunDir
 from .step import diffusion_loss, sample_noise
 
@@ -67,9 +68,9 @@ class _StopFlag:
 def prepare_run(cfg: TrainConfig) -> RunDir:
     """Validate, check the data (before loading any model) and write the run's config.toml."""
     cfg.validate()
-    from . import data_glue
+    from .batches import preflight
 
-    data_glue.preflight(cfg)
+    preflight(cfg)
     run = RunDir(cfg.run_dir)
     if run.exists() and (run.latest_checkpoint() or run.lora_path.exists()):
         raise ConfigError("output_name", f"run directory {run.path} already holds a run; choose another output_name "
@@ -91,9 +92,9 @@ def train(cfg: TrainConfig | None = None, callbacks: list[Callback] | None = Non
             raise ConfigError("resume", f"{run.path} is not a run directory (no config.toml)")
         cfg = run.load_config()
         cfg.validate()
-        from . import data_glue
+        from .batches import preflight
 
-        data_glue.preflight(cfg)
+        preflight(cfg)
     else:
         if cfg is None:
             raise ValueError("train() needs a config or resume=RUN_DIR")
@@ -111,6 +112,18 @@ def train(cfg: TrainConfig | None = None, callbacks: list[Callback] | None = Non
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               cpu=device == "cpu", log_with="tensorboard" if cfg.log_with else None,
                               project_dir=str(run.path / "logs") if cfg.log_with else None)
+    # One trainer per run directory: the main process holds the run's lock until it exits (a second
+    # trainer is refused before it writes anything; see process.py).
+    lock = RunLock(run.path).acquire() if accelerator.is_main_process else None
+    try:
+        return _train_locked(cfg, run, accelerator, callbacks, precision, precision_warning, resume is not None)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: TrainConfig, run: RunDir, accelerator, callbacks, precision: str,
+                  precision_warning: str | None, resumed: bool) -> TrainResult:
     log = EventLog(run.events_path, callbacks, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         run.write_status("running", "loading the base model", step=0, total_steps=cfg.max_train_steps)
@@ -121,7 +134,7 @@ def train(cfg: TrainConfig | None = None, callbacks: list[Callback] | None = Non
     step = 0
     try:
         with _StopFlag() as stop:
-            return _train(cfg, run, accelerator, log, stop, precision, resume is not None)
+            return _train(cfg, run, accelerator, log, stop, precision, resumed)
     except (TrainingError, ConfigError) as e:
         _fail(run, log, accelerator, step, str(e))
         raise
@@ -159,7 +172,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     from diffusers.optimization import get_scheduler
 
     from ..models.loading import load_base
-    from . import data_glue
+    from . import batches, class_images, samples
 
     t_start = time.time()
     from accelerate.utils import set_seed
@@ -184,10 +197,10 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     # Class images are made with the plain base model, before adapters exist.
     class_items = []
     if cfg.with_prior_preservation:
-        class_items = data_glue.ensure_class_images(cfg, base, log, accelerator)
+        class_items = class_images.ensure_class_images(cfg, base, log, accelerator)
 
     # Caching runs the frozen VAE / text encoder once, before adapters exist.
-    data = data_glue.build(cfg, base, class_items, accelerator, log, run.path)
+    data = batches.build(cfg, base, class_items, accelerator, log, run.path)
 
     adapter = inject_run_adapter(cfg, base)
     trained_encoders = text_encoders if cfg.train_text_encoder else ()
@@ -293,7 +306,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         want_stop = _all_agree(stop.set, accelerator)
         last = step >= cfg.max_train_steps
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and not last and accelerator.is_main_process:
-            data_glue.make_samples(cfg, base, run, step, log)
+            samples.make_samples(cfg, base, run, step, log)
         if want_stop or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0) or last:
             cp = _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelerator, log)
             if want_stop and not last:
@@ -309,9 +322,9 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         raise TrainingError(f"the {len(digests)} processes ended with different adapter weights: {digests}")
     lora_path = None
     if accelerator.is_main_process:
-        data_glue.make_samples(cfg, base, run, step, log)
+        samples.make_samples(cfg, base, run, step, log)
         facts = save_facts(run, family=base.family, prediction_type=base.prediction_type, title=cfg.output_name,
-                           dtype=save_dtype(cfg), metadata=data_glue.training_metadata(cfg, data, step, t_start))
+                           dtype=save_dtype(cfg), metadata=training_facts(cfg, data, step, t_start))
         lora_path = write_run_lora(run, adapter, run.lora_path, facts=facts, step=step)
         _report_export_error(lora_path, log)
         run.write_status("done", "finished", step=step, total_steps=cfg.max_train_steps)

@@ -1,8 +1,9 @@
 """What a run directory and a dataset say, read the way training reads them.
 
 For anything that shows runs to people (the web app, the CLI): a run's summary (state, progress,
-speed, the newest word from the trainer), its loss curve, the steps one can export, and the
-dataset check with the trainer's own bucket and caption settings. Nothing here starts or stops a
+speed, the newest word from the trainer), its loss curve, the steps one can export, the
+dataset check with the trainer's own bucket and caption settings, and the settings that suit a
+base model (its size, and SDXL's learning rates). Nothing here starts or stops a
 process; everything is read from files, so every reader sees the same truth.
 """
 
@@ -125,6 +126,28 @@ def final_lora(run: RunDir | str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
+# ---- settings that suit a base model --------------------------------------------------------------
+#: Learning rates of style LoRAs per model family where they differ from the config's defaults. SDXL
+#: (kohya sd-scripts' SDXL LoRA guides and the common trainers' SDXL style presets): UNet 1e-4 and
+#: the text encoders far lower, 5e-6 (or frozen).
+FAMILY_LEARNING_RATES: dict[str, dict[str, float]] = {"sdxl": {"learning_rate": 1e-4, "text_encoder_lr": 5e-6}}
+
+
+def base_settings(family: str | None, resolution: int) -> dict[str, Any]:
+    """Training options that suit a base model of ``family`` ("sd1", "sd2", "sdxl") and native size
+    ``resolution``: that resolution, buckets from half to twice it (step 64 where the size allows, as
+    kohya's 512-2048 for SDXL at 1024), and the family's learning rates (the config's defaults for
+    SD 1.x/2.x). A tiny test model gets the same treatment at its own size."""
+    res = max(64, int(resolution) // 8 * 8)
+    steps = 64 if res % 64 == 0 else 8
+    defaults = TrainConfig()
+    out: dict[str, Any] = {"resolution": res, "min_bucket_reso": max(steps, res // 2 // steps * steps),
+                           "max_bucket_reso": res * 2, "bucket_reso_steps": steps,
+                           "learning_rate": defaults.learning_rate, "text_encoder_lr": defaults.text_encoder_lr}
+    out.update(FAMILY_LEARNING_RATES.get(family or "", {}))
+    return out
+
+
 # ---- the dataset check ----------------------------------------------------------------------------
 @dataclass
 class DatasetCheck:
@@ -149,7 +172,7 @@ def dataset_check(cfg: TrainConfig) -> DatasetCheck:
     ``TrainConfig.from_dict(values, validate=False)``).
     """
     from ..data import NoUsableImagesError, scan_dataset
-    from .data_glue import bucket_config, caption_config
+    from .batches import bucket_config, caption_config
 
     try:
         scan = scan_dataset(cfg.train_data_dir, caption_extension=cfg.caption_extension)

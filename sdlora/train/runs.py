@@ -2,7 +2,8 @@
 
 ``runs/<name>/`` holds ``config.toml`` (resolved), ``events.jsonl``, ``status.json``,
 ``checkpoints/step-N/``, ``samples/`` and the final ``<name>.safetensors``. A web page or a CLI only
-reads this folder and sends stop/resume, so a page refresh or an app restart loses nothing.
+reads this folder and sends stop/resume (:mod:`.process`), so a page refresh or an app restart loses nothing.
+This module is the layout and the status; starting and stopping training processes is :mod:`.process`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,26 +19,10 @@ from typing import Any
 
 from ..paths import atomic_write_text
 from .events import read_events
+from .process import pid_alive
 
 STATES = ("queued", "running", "stopped", "done", "failed")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of this process counts as ended.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return True
 
 
 @dataclass
@@ -168,37 +150,6 @@ class RunDir:
                         p.unlink(missing_ok=True)
                     removed.append(p)
         return removed
-
-    # ---- process control -------------------------------------------------------------------
-    def is_running(self) -> bool:
-        st = self.status()
-        return st["state"] in ("running", "queued") and pid_alive(st.get("pid"))
-
-    def start_process(self) -> int:
-        """Start ``sdlora train --resume RUN_DIR`` as a child process in its own session."""
-        if self.is_running():
-            raise RuntimeError(f"run {self.name} is already running")
-        self.path.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "sdlora.cli", "train", "--resume", str(self.path), "--no-progress"]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env)
-        log.close()
-        self.write_status("queued", "starting", pid=proc.pid)
-        return proc.pid
-
-    def stop(self, timeout: float = 0.0) -> bool:
-        """Ask a running training to save a checkpoint and stop (SIGTERM). Returns True if signalled."""
-        st = self.status()
-        pid = st.get("pid")
-        if st["state"] not in ("running", "queued") or not pid_alive(pid):
-            return False
-        os.kill(pid, signal.SIGTERM)
-        end = time.time() + timeout
-        while timeout and time.time() < end and pid_alive(pid):
-            time.sleep(0.1)
-        return True
 
 
 def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:

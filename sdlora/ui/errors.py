@@ -34,27 +34,20 @@ def esc(text: Any) -> str:
 
 
 def _known_errors() -> tuple[tuple[type[BaseException], str], ...]:
-    """Library exception types and the title of their message box; modules not present are skipped."""
-    out: list[tuple[type[BaseException], str]] = [(UIError, "Error")]
-    from ..train.config import ConfigError
+    """Library exception types and the title of their message box, most specific first."""
+    from ..data.errors import DatasetError
+    from ..lora.errors import LoraError, LoraFileError
+    from ..models.loading import ModelLoadError
+    from ..train import ConfigError, RunBusyError, RunExportError, TrainingError
 
-    out.append((ConfigError, "Invalid setting"))
-    for mod, name, title in (("sdlora.data.errors", "DatasetError", "Dataset problem"),
-                             ("sdlora.lora.errors", "LoraFileError", "LoRA file problem"),
-                             ("sdlora.lora.errors", "LoraError", "LoRA problem"),
-                             ("sdlora.models.single_file", "ModelLoadError", "Base model problem"),
-                             ("sdlora.train.loop", "TrainingError", "Training problem")):
-        try:
-            module = __import__(mod, fromlist=[name])
-            out.append((getattr(module, name), title))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(out)
+    return ((UIError, "Error"), (ConfigError, "Invalid setting"), (DatasetError, "Dataset problem"),
+            (LoraFileError, "LoRA file problem"), (LoraError, "LoRA problem"), (ModelLoadError, "Base model problem"),
+            (TrainingError, "Training problem"), (RunBusyError, "Run is busy"), (RunExportError, "Export problem"))
 
 
 def message_for(exc: BaseException) -> tuple[str, str]:
     """(title, plain-text message) for an exception raised by a handler."""
-    from ..train.config import ConfigError
+    from ..train import ConfigError
 
     for typ, title in _known_errors():
         if isinstance(exc, typ):
@@ -81,23 +74,8 @@ def to_gr_error(exc: BaseException) -> gr.Error:
 def guarded(fn: F) -> F:
     """Wrap an event handler so that any failure reaches the page as a readable ``gr.Error``.
 
-    The wrapper keeps ``fn``'s signature (gradio reads it for API parameter names). Generators are
-    wrapped too.
+    The wrapper keeps ``fn``'s signature (gradio reads it for API parameter names).
     """
-    import inspect
-
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def gen_wrapper(*args: Any, **kwargs: Any):
-            try:
-                yield from fn(*args, **kwargs)
-            except gr.Error:
-                raise
-            except Exception as e:  # noqa: BLE001 - every failure becomes a message in the page
-                _log(fn, e)
-                raise to_gr_error(e) from None
-
-        return gen_wrapper  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any):

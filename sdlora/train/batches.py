@@ -1,14 +1,13 @@
-"""The trainer's side of the data: config -> dataset, cached encodings, batches, samples, class images.
+"""The trainer's batches: config -> dataset, cached latents and text outputs, batches with their conditioning.
 
-Glue only: images, captions, buckets, batching and caching are :mod:`sdlora.data`; sampling is
-:class:`sdlora.generate.Previewer`. What lives here is how a training run wires them together.
+Glue only: images, captions, buckets, batching and caching are :mod:`sdlora.data`; what the UNet is
+conditioned on is :mod:`sdlora.train.conditioning`. What lives here is how a training run wires them together.
+Class images (prior preservation) are :mod:`.class_images`, samples :mod:`.samples`, the file's training
+facts :func:`sdlora.train.export.training_facts`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,11 @@ from ..data import (
     ImageCaptionDataset,
     collate_batch,
     scan_dataset,
-    tag_frequency,
 )
 from ..data.scan import DatasetItem, DatasetScan
-from ..paths import atomic_path, safe_name
 from .conditioning import Conditioner, TextConditioning, time_ids
 from .config import ConfigError, TrainConfig
-from .events import EventLog, Message, Sample, Warning_
+from .events import EventLog, Message, Warning_
 
 
 def caption_config(cfg: TrainConfig) -> CaptionConfig:
@@ -262,120 +259,3 @@ def build(cfg: TrainConfig, base, class_items: list[DatasetItem], accelerator, l
         log.emit(Warning_(f"skipped {s.path}: {s.reason}"))
     cache_dir = (run_dir / "cache") if cfg.cache_latents_to_disk else None
     return TrainData(cfg, base, scan, class_items, accelerator, log, cache_dir)
-
-
-# ---- class images (DreamBooth prior preservation) --------------------------------------------
-def class_images_dir(cfg: TrainConfig) -> Path:
-    if cfg.class_data_dir:
-        return Path(cfg.class_data_dir)
-    slug = safe_name(re.sub(r"\s+", "-", cfg.class_prompt.strip().lower()))[:60]
-    return Path(cfg.output_dir) / "class-images" / f"{slug}-{_base_slug(cfg)}"
-
-
-def _base_slug(cfg: TrainConfig) -> str:
-    return hashlib.sha1(cfg.pretrained_model_name_or_path.encode()).hexdigest()[:8]
-
-
-def ensure_class_images(cfg: TrainConfig, base, log: EventLog, accelerator) -> list[DatasetItem]:
-    """Use the class images in the class folder; generate the missing ones once with the base model."""
-    folder = class_images_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    existing = _class_scan(folder)
-    missing = cfg.num_class_images - len(existing.items) if existing else cfg.num_class_images
-    if missing > 0 and accelerator.is_main_process:
-        from ..generate import Previewer
-
-        prev = Previewer(base.pipe)
-        start = len(list(folder.glob("class-*.png")))
-        log.emit(Message(f"generating {missing} class images for '{cfg.class_prompt}'", 0, missing))
-        for i in range(missing):
-            n = start + i
-            img = prev.generate(cfg.class_prompt, seed=cfg.seed * 100003 + n, steps=cfg.sample_steps,
-                                guidance=cfg.sample_guidance, scheduler=cfg.sample_sampler,
-                                width=cfg.resolution, height=cfg.resolution)[0]
-            with atomic_path(folder / f"class-{n:05d}.png", suffix=".png") as tmp:
-                img.save(tmp, format="PNG")
-            log.emit(Message("generating class images", i + 1, missing))
-    accelerator.wait_for_everyone()
-    scan = _class_scan(folder)
-    if scan is None:
-        raise ConfigError("class_data_dir", f"no usable class images in {folder}")
-    items = scan.items[: cfg.num_class_images] if cfg.num_class_images else scan.items
-    return [DatasetItem(path=it.path, repeats=1, caption=None, size=it.size, group="class", caption_path=None)
-            for it in items]
-
-
-def _class_scan(folder: Path) -> DatasetScan | None:
-    try:
-        return scan_dataset(folder)
-    except DatasetError:
-        return None
-
-
-# ---- samples and file metadata ----------------------------------------------------------------
-def sample_prompts(cfg: TrainConfig) -> list[str]:
-    prompts = cfg.sample_prompts or ["{caption}"]
-    trigger = cfg.trigger_word.strip()
-    out = []
-    for p in prompts:
-        p = p.replace("{trigger}", trigger) if trigger else re.sub(r",?\s*in \{trigger\} style", "", p).replace("{trigger}", "")
-        out.append(p.replace("{caption}", "a picture" if not trigger else f"a picture in {trigger} style"))
-    return out
-
-
-def make_samples(cfg: TrainConfig, base, run, step: int, log: EventLog) -> list[Path]:
-    from ..generate import Previewer
-
-    prev = Previewer(base.pipe)
-    prev.use_adapter("default", 1.0)
-    paths = []
-    prompts = sample_prompts(cfg)
-    for i, prompt in enumerate(prompts):
-        img = prev.generate(prompt, negative_prompt=cfg.sample_negative_prompt or None, seed=cfg.sample_seed + i,
-                            steps=cfg.sample_steps, guidance=cfg.sample_guidance, scheduler=cfg.sample_sampler,
-                            width=cfg.resolution, height=cfg.resolution)[0]
-        path = run.samples_dir / f"step-{step:06d}-{i}.png"
-        with atomic_path(path, suffix=".png") as tmp:
-            img.save(tmp, format="PNG")
-        paths.append(path)
-    log.emit(Sample(step=step, paths=[str(p) for p in paths], prompts=prompts))
-    return paths
-
-
-def training_metadata(cfg: TrainConfig, data: TrainData, step: int, t_start: float) -> dict[str, str]:
-    """kohya ``ss_*`` facts of the run (the file writer adds the network and model fields)."""
-    import json
-
-    return {
-        "ss_num_train_images": str(data.num_items),
-        "ss_steps": str(step),
-        "ss_max_train_steps": str(cfg.max_train_steps),
-        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
-        "ss_learning_rate": str(cfg.learning_rate),
-        "ss_unet_lr": str(cfg.effective_unet_lr),
-        "ss_text_encoder_lr": str(cfg.text_encoder_lr if cfg.train_text_encoder else 0.0),
-        "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_optimizer": cfg.optimizer_type,
-        "ss_batch_size_per_device": str(cfg.train_batch_size),
-        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
-        "ss_mixed_precision": cfg.mixed_precision,
-        "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),
-        "ss_noise_offset": str(cfg.noise_offset or None),
-        "ss_seed": str(cfg.seed),
-        "ss_sd_model_name": Path(cfg.pretrained_model_name_or_path).name,
-        # kohya counts the tags of the caption files (not the templated training captions).
-        "ss_tag_frequency": json.dumps(tag_frequency(data.scan.items)),
-        "ss_dataset_dirs": json.dumps({g: {"n_repeats": n["repeats"], "img_count": n["images"]}
-                                       for g, n in data.scan.groups().items()}),
-        "ss_training_started_at": str(t_start),
-        "ss_training_finished_at": str(time.time()),
-        "ss_output_name": cfg.output_name,
-        "ss_caption_dropout_rate": str(cfg.caption_dropout_rate),
-        "ss_shuffle_caption": str(cfg.shuffle_caption),
-        "ss_keep_tokens": str(cfg.keep_tokens),
-        "ss_flip_aug": str(cfg.flip_aug),
-        "ss_enable_bucket": str(cfg.enable_bucket),
-        "ss_prior_loss_weight": str(cfg.prior_loss_weight),
-        "sdlora_trigger_word": cfg.trigger_word,
-        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
-    }
