@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from sdlora.train import (RunDir, TrainConfig, active_run, dataset_check, export_steps, final_lora, loss_curve,
-                          run_summaries, run_summary)
+from sdlora.train import (RunDir, TrainConfig, active_run, base_settings, dataset_check, export_steps, final_lora,
+                          loss_curve, run_summaries, run_summary)
 
 
 def _run(root: Path, name: str, *, state: str, message: str = "", pid: int | None = None,
@@ -146,3 +146,21 @@ def test_dataset_check_reports_unusable_data_and_settings(tmp_path):
     check = dataset_check(bad)
     assert check.usable and check.bucket_error and check.summary["buckets"] == {}
     assert check.caption_error
+
+
+def test_base_settings_follow_the_base_models_size_and_family():
+    # SDXL at 1024: kohya's SDXL buckets and the rates SDXL style LoRAs train with.
+    assert base_settings("sdxl", 1024) == {"resolution": 1024, "min_bucket_reso": 512, "max_bucket_reso": 2048,
+                                           "bucket_reso_steps": 64, "learning_rate": 1e-4, "text_encoder_lr": 5e-6}
+    # A tiny SDXL test model: its own size, SDXL rates.
+    tiny = base_settings("sdxl", 64)
+    assert (tiny["resolution"], tiny["min_bucket_reso"], tiny["max_bucket_reso"]) == (64, 64, 128)
+    assert tiny["text_encoder_lr"] == 5e-6
+    # SD 1.x / 2.x: the config's own rates; odd sizes get 8 px bucket steps.
+    defaults = TrainConfig()
+    sd = base_settings("sd1", 512)
+    assert (sd["learning_rate"], sd["text_encoder_lr"]) == (defaults.learning_rate, defaults.text_encoder_lr)
+    assert (sd["min_bucket_reso"], sd["max_bucket_reso"]) == (256, 1024)
+    assert base_settings("sd2", 100)["resolution"] == 96 and base_settings("sd2", 100)["bucket_reso_steps"] == 8
+    # Every value is one the config accepts.
+    TrainConfig.from_dict(dict(base_settings("sdxl", 1024), output_name="x", train_data_dir="."), validate=True)

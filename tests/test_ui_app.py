@@ -297,7 +297,7 @@ def test_training_failure_is_reported(app, client, tmp_path):
     assert st["state"] == "failed", st
     assert st["message"] and "Traceback" not in st["message"]
     # The page's log view of the run says why, without a traceback.
-    from sdlora.train.runs import RunDir
+    from sdlora.train import RunDir
     from sdlora.ui.runview import live_view
 
     view = live_view(RunDir(app.runs_dir / "fail-run"))

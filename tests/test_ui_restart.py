@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from sdlora.train.runs import RunDir, pid_alive
+from sdlora.train import RunDir, pid_alive
 from app_testing import QUICK, AppProcess, copy_tiny_model, make_images, stop_all_training, wait_for
 
 gradio_client = pytest.importorskip("gradio_client")

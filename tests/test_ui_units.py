@@ -1,4 +1,5 @@
-"""Web app pieces without a server: command line, dataset storage (names, zips, limits), the form."""
+"""Web app pieces without a server: command line, dataset storage (names, zips, limits), the page as built
+(training form, base-model defaults, export choices) and its handlers called directly."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdlora.train.config import ConfigError, TrainConfig
+from sdlora.train import ConfigError, RunDir, TrainConfig
 from sdlora.ui import datasets as ds
 from sdlora.ui import form
 from sdlora.ui.errors import UIError, message_for
@@ -194,17 +195,117 @@ def test_bundled_style_sets_copy(tmp_path):
         ds.copy_style_set("../../etc", tmp_path / "x")
 
 
-# ---- form -------------------------------------------------------------------------------------
-def test_form_is_generated_from_the_config():
-    names = {f["name"] for f in form.form_fields()}
-    info = {f["name"]: f for f in TrainConfig.field_info()}
-    expected = {n for n, f in info.items() if f.get("ui", True)} - set(form.PAGE_SET)
-    assert names == expected
-    main = [f["name"] for f in form.main_fields()]
-    assert {"max_train_steps", "network_dim", "conv_dim", "learning_rate", "text_encoder_lr", "resolution",
-            "train_batch_size", "train_text_encoder", "class_prompt"} <= set(main)
-    assert all(info[n]["group"] == "main" for n in main)
-    assert all(f["group"] != "main" for f in form.advanced_fields())
+# ---- the page ------------------------------------------------------------------------------------
+def _page(runs: Path, models: Path):
+    """The app (built, not served) and its page: {elem_id: (type, props, inside "Advanced")}."""
+    from sdlora.ui.app import App
+    from sdlora.ui.server import ServerOptions
+
+    app = App(ServerOptions(runs_dir=runs, models_dir=models))
+    config = app.build().get_config_file()
+    components = {c["id"]: c for c in config["components"]}
+    page: dict[str, tuple[str, dict, bool]] = {}
+
+    def walk(node: dict, advanced: bool) -> None:
+        c = components.get(node["id"])
+        elem_id = c["props"].get("elem_id") if c else None
+        if elem_id:
+            page[elem_id] = (c["type"], c["props"], advanced)
+        for child in node.get("children", []):
+            walk(child, advanced or elem_id == "tr-advanced")
+
+    walk(config["layout"], False)
+    return app, page
+
+
+def _shown(updates: dict) -> dict:
+    """What a handler's updates put into the page, by elem_id."""
+    return {c.elem_id: (u.get("value") if isinstance(u, dict) else u) for c, u in updates.items()}
+
+
+def test_training_form_shows_the_settings_and_no_server_paths(tmp_path):
+    _, page = _page(tmp_path / "runs", tmp_path / "models")
+    fields = {eid[len("cfg-"):]: v for eid, v in page.items() if eid.startswith("cfg-")}
+    main = {name for name, (_, _, advanced) in fields.items() if not advanced}
+    # What a style LoRA needs is on the page without opening "Advanced"; the rest is in there.
+    assert {"max_train_steps", "network_dim", "learning_rate", "text_encoder_lr", "resolution", "train_batch_size",
+            "train_text_encoder"} <= main
+    assert {"sample_every_n_steps", "save_every_n_steps", "min_bucket_reso", "max_bucket_reso", "network_type",
+            "mixed_precision", "caption_template"} <= set(fields) - main
+    # Server paths are picked from lists the app controls, never typed in.
+    assert not {"pretrained_model_name_or_path", "output_dir", "train_data_dir", "class_data_dir"} & set(fields)
+    assert all(props.get("info") for _, props, _ in fields.values())  # every field says what it does
+    kind, props, _ = fields["mixed_precision"]
+    assert kind == "dropdown" and "auto" in [c[1] for c in props["choices"]]  # a fixed set of values is a list
+    # An untouched form trains with the config's defaults (only the size follows the chosen base model).
+    values = {name: props["value"] for name, (_, props, _) in fields.items()}
+    chosen = TrainConfig.from_dict(form.settings_from_form(values), validate=False).to_dict()
+    defaults = TrainConfig().to_dict()
+    assert {k for k in chosen if chosen[k] != defaults[k]} <= {"resolution", "min_bucket_reso", "max_bucket_reso",
+                                                              "bucket_reso_steps"}
+
+
+def _sdxl_folder(target: Path) -> Path:
+    """An SDXL base as shared in diffusers layout (listing a model reads its configs, not its weights)."""
+    import shutil
+
+    from sdlora.models.shipped import config_dir
+
+    shutil.copytree(config_dir("sdxl"), target)
+    return target
+
+
+def test_an_sdxl_base_sets_sdxl_size_buckets_and_rates(tmp_path):
+    models = tmp_path / "models"
+    xl = str(_sdxl_folder(models / "my-sdxl").resolve())
+    app, page = _page(tmp_path / "runs", models)
+    labels = dict((v, label) for label, v in page["tr-base"][1]["choices"])
+    assert "SDXL" in labels[xl] and "1024" in labels[xl]
+    assert labels == dict((v, label) for label, v in page["pv-base"][1]["choices"])
+    sd_rates = dict(learning_rate=1e-4, text_encoder_lr=5e-5)  # the form's defaults
+    shown = _shown(app.train.base_changed(xl, **sd_rates))
+    assert shown == {"cfg-resolution": 1024, "cfg-min_bucket_reso": 512, "cfg-max_bucket_reso": 2048,
+                     "cfg-bucket_reso_steps": 64, "cfg-learning_rate": 1e-4, "cfg-text_encoder_lr": 5e-6,
+                     "pv-width": 1024, "pv-height": 1024}
+    # Back to the demo model: its own size and the SD rates again.
+    demo_res = page["cfg-resolution"][1]["value"]
+    shown = _shown(app.train.base_changed("demo", learning_rate=1e-4, text_encoder_lr=5e-6))
+    assert shown["cfg-resolution"] == shown["pv-width"] == demo_res
+    assert (shown["cfg-learning_rate"], shown["cfg-text_encoder_lr"]) == (1e-4, 5e-5)
+    # Rates the user typed in stay; the size still follows the base.
+    shown = _shown(app.train.base_changed(xl, learning_rate=3e-4, text_encoder_lr=1e-5))
+    assert "cfg-learning_rate" not in shown and "cfg-text_encoder_lr" not in shown
+    assert shown["cfg-resolution"] == 1024
+
+
+def test_a_page_that_opens_on_an_sdxl_base_starts_with_sdxl_defaults(tmp_path, monkeypatch):
+    import sdlora.models.loading as loading
+
+    monkeypatch.setattr(loading, "DEFAULT_BASE", tmp_path / "no-demo-model")  # only the SDXL base is listed
+    _sdxl_folder(tmp_path / "models" / "my-sdxl")
+    _, page = _page(tmp_path / "runs", tmp_path / "models")
+    value = {k: page[k][1]["value"] for k in ("cfg-resolution", "cfg-max_bucket_reso", "cfg-learning_rate",
+                                              "cfg-text_encoder_lr", "pv-width", "pv-height")}
+    assert value == {"cfg-resolution": 1024, "cfg-max_bucket_reso": 2048, "cfg-learning_rate": 1e-4,
+                     "cfg-text_encoder_lr": 5e-6, "pv-width": 1024, "pv-height": 1024}
+
+
+def test_export_offers_the_runs_checkpoints_and_refuses_others(tmp_path):
+    import gradio as gr
+
+    runs = tmp_path / "runs"
+    run = RunDir(runs / "r")
+    run.write_config(TrainConfig(output_name="r", output_dir=str(runs)))
+    for step in (10, 20):
+        (run.checkpoints_dir / f"step-{step}").mkdir(parents=True)
+        (run.checkpoints_dir / f"step-{step}" / "state.json").write_text("{}")
+    app, _ = _page(runs, tmp_path / "models")
+    step = next(u for c, u in app.export.export_info("r").items() if c.elem_id == "ex-step")
+    assert step["choices"] == [("step-20", "step-20"), ("step-10", "step-10")] and step["value"] == "step-20"
+    with pytest.raises(gr.Error, match="step-20, step-10"):
+        app.export.export_lora("r", "kohya", "step-15", 0)
+    with pytest.raises(gr.Error, match="no final LoRA yet"):
+        app.export.export_lora("r", "kohya", "final", 0)
 
 
 def test_form_values_become_config_values():

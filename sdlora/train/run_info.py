@@ -112,7 +112,7 @@ def active_run(runs_dir: str | Path) -> RunSummary | None:
 
 def loss_curve(run: RunDir | str | Path) -> list[tuple[int, float]]:
     """(step, loss) of every step the run reported, in order."""
-    return [(int(e["step"]), float(e["loss"])) for e in _as_run(run).events({"step"}) if e.get("loss") is not None]
+    return [(int(e["step"]), float(e["loss"])) for e in _as_run(run).step_events() if e.get("loss") is not None]
 
 
 def export_steps(run: RunDir | str | Path) -> list[int]:

@@ -21,6 +21,7 @@ class BaseChoice:
     label: str
     value: str
     resolution: int | None
+    family: str | None = None  # "sd1", "sd2" or "sdxl"
 
 
 class AppContext:
@@ -48,10 +49,12 @@ class AppContext:
         out: list[BaseChoice] = []
         for entry in list_base_models(DEFAULT_BASE.parent):
             if Path(entry["path"]).resolve() == DEFAULT_BASE.resolve() and entry["usable"]:
-                out.append(BaseChoice(f"Demo model (bundled, {entry['resolution']}px)", DEMO_SPEC, entry["resolution"]))
+                out.append(BaseChoice(f"Demo model (bundled, {entry['resolution']}px)", DEMO_SPEC, entry["resolution"],
+                                      entry["family"]))
         for entry in list_base_models(self.models_dir):
             if entry["usable"]:
-                out.append(BaseChoice(entry["label"], str(Path(entry["path"]).resolve()), entry["resolution"]))
+                out.append(BaseChoice(entry["label"], str(Path(entry["path"]).resolve()), entry["resolution"],
+                                      entry["family"]))
         return out
 
     def base_dropdown(self) -> tuple[list[tuple[str, str]], str | None]:
@@ -60,11 +63,13 @@ class AppContext:
         choices = [(m.label, m.value) for m in models]
         return choices, (models[0].value if models else None)
 
+    def base_choice(self, spec: str | None) -> BaseChoice | None:
+        """The listed base model ``spec`` names, if any."""
+        return next((m for m in self.base_models() if m.value == spec), None)
+
     def base_resolution(self, spec: str | None) -> int | None:
-        for m in self.base_models():
-            if m.value == spec:
-                return m.resolution
-        return None
+        choice = self.base_choice(spec)
+        return choice.resolution if choice else None
 
     def check_base(self, spec: str | None) -> str:
         """A base-model value from the page, accepted only when it is one the app lists.
@@ -90,7 +95,7 @@ class AppContext:
         return path
 
     def existing_run(self, name: str | None):
-        from ..train.runs import RunDir
+        from ..train import RunDir
 
         run = RunDir(self.run_path(name))
         if not run.exists():

@@ -1,8 +1,8 @@
 """The dataset check of the Dataset tab: the training loader's own scan, rendered for people.
 
-Which files are usable, and how many images land in which bucket, come from
-:func:`sdlora.data.scan_dataset` and the trainer's own bucket and caption settings
-(:mod:`sdlora.train.data_glue`), so the page shows exactly what training will use.
+Which files are usable, and how many images land in which bucket, come from the training API's
+:func:`sdlora.train.dataset_check` (the loader's scan with the trainer's own bucket and caption
+settings), so the page shows exactly what training will use.
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ class DatasetView:
 
 def dataset_view(folder: Path, trigger_word: str, check: dict[str, Any], refused: Sequence[str] = ()) -> DatasetView:
     """Scan the dataset with the training loader's own check and render gallery and report."""
-    from ..data import NoUsableImagesError, scan_dataset
-    from ..train import data_glue
-    from ..train.config import ConfigError, TrainConfig
+    from ..train import TrainConfig, dataset_check
 
     parts = ['<div class="sdl-check" id="sdl-check">']
     problems = list(refused)
@@ -48,11 +46,10 @@ def dataset_view(folder: Path, trigger_word: str, check: dict[str, Any], refused
                      "train on.</div></div>")
         return DatasetView([], [], "".join(parts), problems + ["The dataset is empty: upload images first."])
     values = {k: form.parse_value(form.field(k), v) for k, v in check.items() if k in CHECK_FIELDS}
-    try:
-        scan = scan_dataset(folder, caption_extension=values.get("caption_extension", ".txt"))
-        usable = True
-    except NoUsableImagesError as e:
-        scan, usable = e.scan, False
+    # Buckets and captions exactly as the trainer builds them from these settings.
+    result = dataset_check(TrainConfig.from_dict(dict(values, trigger_word=(trigger_word or "").strip(),
+                                                      train_data_dir=str(folder)), validate=False))
+    scan = result.scan
     gallery, names = [], []
     for item in scan.items:
         name = _rel(folder, item.path)
@@ -60,24 +57,14 @@ def dataset_view(folder: Path, trigger_word: str, check: dict[str, Any], refused
         gallery.append((str(item.path), f"{name}: {cap}" if cap else f"{name} (no caption)"))
         names.append(name)
     warnings = list(scan.warnings)
-    if usable:
-        # Buckets and captions exactly as the trainer builds them from these settings.
-        cfg = TrainConfig.from_dict(dict(values, trigger_word=(trigger_word or "").strip(),
-                                         train_data_dir=str(folder)), validate=False)
-        bucket_text = ""
-        buckets: Any = None
-        try:
-            buckets = data_glue.bucket_config(cfg)
-        except ValueError as e:
-            bucket_text = f'<span class="bad">The bucket settings are invalid: {esc(e)}</span>'
-        captions = None
-        try:
-            captions = data_glue.caption_config(cfg)
-        except (ValueError, ConfigError) as e:
-            problems.append(str(e))
-        summary = scan.summary(buckets if buckets is not None else 512, captions)
+    summary = result.summary
+    if summary is not None:
+        if result.caption_error:
+            problems.append(result.caption_error)
         warnings = summary.get("warnings", warnings)
-        if buckets is not None:
+        if result.bucket_error:
+            bucket_text = f'<span class="bad">The bucket settings are invalid: {esc(result.bucket_error)}</span>'
+        else:
             hist = summary["buckets"]
             bucket_text = (f"{len(hist)} bucket(s): "
                            + ", ".join(f"{esc(k)} px &times; {v}" for k, v in hist.items()))

@@ -1,4 +1,5 @@
-"""The training form, generated from :meth:`TrainConfig.field_info`.
+"""Form values: the training form, generated from :meth:`TrainConfig.field_info`, and the parsing of
+the other tabs' typed-in values (numbers, LoRA weights, grid scales, tables).
 
 Main options are shown directly; all other options with ``ui=True`` go into the "Advanced"
 accordion, grouped by section. Options that name server paths (base model, data and output
@@ -15,7 +16,8 @@ from typing import Any
 import gradio as gr
 
 from ..resources import CONFIGS_DIR
-from ..train.config import ConfigError, TrainConfig
+from ..train import ConfigError, TrainConfig
+from .errors import UIError
 
 #: Options the page sets itself (from lists and the dataset tab), never typed in as text.
 PAGE_SET = ("pretrained_model_name_or_path", "output_name", "output_dir", "train_data_dir", "class_data_dir",
@@ -203,3 +205,78 @@ def available_presets() -> list[tuple[str, str]]:
     """Preset choices whose config file ships with the project, plus "custom"."""
     return [(label, value) for label, value in PRESET_CHOICES
             if value == "custom" or (configs_dir() / PRESETS[value]).is_file()]
+
+
+# ---- values typed into the other tabs ---------------------------------------------------------------
+DEFAULT_GRID = "0, 0.25, 0.5, 0.75, 1, 1.25"
+
+
+def parse_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
+    """A whole number from a form field, within ``lo``..``hi``; otherwise a message naming the field."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UIError(f"{name} ({value!r}) is not a number.", title="Invalid value") from None
+    if number != number or number != int(number):
+        raise UIError(f"{name} ({value!r}) is not a whole number.", title="Invalid value")
+    n = int(number)
+    if n < lo or (hi is not None and n > hi):
+        raise UIError(f"{name} {n} is out of range ({lo} to {hi if hi is not None else 'any'}).",
+                      title="Invalid value")
+    return n
+
+
+def parse_float(value: Any, name: str, lo: float, hi: float, title: str = "Invalid value") -> float:
+    """A number from a form field, within ``lo``..``hi``; otherwise a message naming the field."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UIError(f"{name} ({value!r}) is not a number.", title=title) from None
+    if not lo <= number <= hi:
+        raise UIError(f"{name} {number:g} is outside {lo:g} to {hi:g}.", title=title)
+    return number
+
+
+def parse_weight(value: Any, lora: str) -> float:
+    """The weight of one LoRA in a mix (-4 to 4)."""
+    return parse_float(value, f"The weight of {lora}", -4.0, 4.0, title="LoRA weight")
+
+
+def parse_scales(text: str | None) -> list[float]:
+    """LoRA scales of a grid, written as ``0, 0.5, 1`` (1 to 12 numbers, each -4 to 4)."""
+    values = []
+    for part in str(text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise UIError(f"Grid scales: {part!r} is not a number; write e.g. {DEFAULT_GRID}.",
+                          title="Scale grid") from None
+        if not -4 <= v <= 4:
+            raise UIError(f"Grid scales: {v:g} is outside -4 to 4.", title="Scale grid")
+        values.append(v)
+    if not values or len(values) > 12:
+        raise UIError(f"Grid scales: give 1 to 12 numbers, e.g. {DEFAULT_GRID}.", title="Scale grid")
+    return values
+
+
+def table_rows(value: Any) -> list[list[Any]]:
+    """Rows of a Dataframe value as the API or the page sends it (list of lists, dict or DataFrame)."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return list(value.get("data") or [])
+    if hasattr(value, "values") and hasattr(value, "columns"):
+        return value.values.tolist()
+    return list(value)
+
+
+def base_defaults(resolution: int, family: str | None = None) -> dict[str, Any]:
+    """Form values that suit a base model of ``family`` and native size ``resolution``: the training
+    options of :func:`sdlora.train.base_settings` and the preview size (``width``, ``height``)."""
+    from ..train import base_settings
+
+    values = base_settings(family, resolution)
+    return dict(values, width=values["resolution"], height=values["resolution"])

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..train.runs import RunDir, list_runs
+from ..train import RunDir, RunSummary, loss_curve, run_summaries, run_summary
 from .errors import esc
 
 RUNS_HEADERS = ["run", "state", "step", "message", "updated"]
@@ -36,12 +36,10 @@ def fmt_duration(seconds: float | None) -> str:
 def runs_table(runs_dir: Path) -> list[list[Any]]:
     """One row per run, newest first: name, state, step/total, message, last update."""
     rows = []
-    for st in list_runs(runs_dir):
-        total = st.get("total_steps")
-        step = f"{st.get('step', 0)}/{total}" if total else str(st.get("step", 0))
-        updated = st.get("updated")
-        when = _dt.datetime.fromtimestamp(updated).strftime("%Y-%m-%d %H:%M:%S") if updated else ""
-        rows.append([st["name"], st.get("state", ""), step, st.get("message", ""), when])
+    for s in run_summaries(runs_dir):
+        step = f"{s.step}/{s.total_steps}" if s.total_steps else str(s.step)
+        when = _dt.datetime.fromtimestamp(s.updated).strftime("%Y-%m-%d %H:%M:%S") if s.updated else ""
+        rows.append([s.name, s.state, step, s.message, when])
     return rows
 
 
@@ -77,55 +75,42 @@ def run_signature(run: RunDir) -> tuple:
 
 def watched_default(runs_dir: Path) -> str | None:
     """The run a fresh page shows: the one training now, else the newest."""
-    runs = list_runs(runs_dir)
-    for st in runs:
-        if st.get("state") in ("running", "queued"):
-            return st["name"]
-    return runs[0]["name"] if runs else None
+    runs = run_summaries(runs_dir)
+    active = [s for s in runs if s.active]
+    return (active or runs)[0].name if runs else None
 
 
-def running_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    return [st for st in list_runs(runs_dir) if st.get("state") in ("running", "queued")]
-
-
-def progress_html(status: dict[str, Any] | None, last_step: dict[str, Any] | None,
-                  last_message: str | None = None) -> str:
-    """The progress block: a bar (step/total), state, it/s, ETA and the newest message."""
-    if not status:
+def progress_html(summary: RunSummary | None) -> str:
+    """The progress block: a bar (step/total), state, it/s, ETA, loss and what the run is doing."""
+    if summary is None:
         return ('<div class="sdl-progress" id="sdl-progress" data-state="none" data-step="0" data-total="0">'
                 '<div class="sdl-line"><span class="sdl-state">No run yet</span>'
                 '<span class="sdl-msg">Upload a dataset, then press Start training.</span></div></div>')
-    state = status.get("state", "")
-    step = int(status.get("step") or 0)
-    total = int(status.get("total_steps") or (last_step or {}).get("total_steps") or 0)
-    pct = 100.0 * step / total if total else 0.0
-    if state == "done":
-        pct = 100.0
-    parts = [f'<span class="sdl-state">{esc(status.get("name", ""))}: {esc(state)}</span>',
-             f'<span class="sdl-steps">step {step}/{total or "?"}</span>']
-    if last_step and state in ("running", "queued"):
-        parts.append(f'<span class="sdl-speed">{last_step.get("it_per_s", 0):.2f} it/s</span>')
-        parts.append(f'<span class="sdl-eta">ETA {fmt_duration(last_step.get("eta_s"))}</span>')
-    if last_step and last_step.get("loss") is not None:
-        parts.append(f'<span class="sdl-loss">loss {last_step["loss"]:.4f}</span>')
-    msg = status.get("message") or ""
-    if state in ("running", "queued") and last_message and not (last_step and msg == "training"):
-        msg = last_message
-    return (f'<div class="sdl-progress" id="sdl-progress" data-state="{esc(state)}" data-step="{step}" '
+    s = summary
+    state, total = s.state, s.total_steps or 0
+    parts = [f'<span class="sdl-state">{esc(s.name)}: {esc(state)}</span>',
+             f'<span class="sdl-steps">step {s.step}/{total or "?"}</span>']
+    if s.active and s.it_per_s is not None:
+        parts.append(f'<span class="sdl-speed">{s.it_per_s:.2f} it/s</span>')
+        parts.append(f'<span class="sdl-eta">ETA {fmt_duration(s.eta_s)}</span>')
+    if s.loss is not None:
+        parts.append(f'<span class="sdl-loss">loss {s.loss:.4f}</span>')
+    return (f'<div class="sdl-progress" id="sdl-progress" data-state="{esc(state)}" data-step="{s.step}" '
             f'data-total="{total}">'
-            f'<div class="sdl-bar"><div class="sdl-fill {esc(state)}" style="width:{pct:.1f}%"></div></div>'
+            f'<div class="sdl-bar"><div class="sdl-fill {esc(state)}" style="width:{100 * s.fraction:.1f}%">'
+            '</div></div>'
             f'<div class="sdl-line">{"".join(parts)}</div>'
-            f'<div class="sdl-msg">{esc(msg)}</div></div>')
+            f'<div class="sdl-msg">{esc(s.activity)}</div></div>')
 
 
-def loss_frame(steps: list[dict[str, Any]]):
+def loss_frame(points: list[tuple[int, float]]):
     """Loss per step as a DataFrame for ``gr.LinePlot`` (thinned to at most MAX_PLOT_POINTS)."""
     import pandas as pd
 
-    if len(steps) > MAX_PLOT_POINTS:
-        stride = len(steps) / MAX_PLOT_POINTS
-        steps = [steps[int(i * stride)] for i in range(MAX_PLOT_POINTS)] + [steps[-1]]
-    return pd.DataFrame({"step": [int(e["step"]) for e in steps], "loss": [float(e["loss"]) for e in steps]})
+    if len(points) > MAX_PLOT_POINTS:
+        stride = len(points) / MAX_PLOT_POINTS
+        points = [points[int(i * stride)] for i in range(MAX_PLOT_POINTS)] + [points[-1]]
+    return pd.DataFrame({"step": [int(p[0]) for p in points], "loss": [float(p[1]) for p in points]})
 
 
 def newest_samples(run: RunDir, limit: int = 8) -> list[tuple[str, str]]:
@@ -185,19 +170,12 @@ def clean_log_lines(lines: list[str]) -> list[str]:
 
 
 def live_view(run: RunDir) -> dict[str, Any]:
-    """Everything the live panel shows for one run."""
-    status = run.status()
-    events = run.events({"step", "message", "warning"})
-    steps = [e for e in events if e["type"] == "step"]
-    messages = [e for e in events if e["type"] in ("message", "warning")]
-    last_message = None
-    if messages:
-        m = messages[-1]
-        last_message = m["text"] + (f" ({m['done']}/{m['total']})" if m.get("total") else "")
+    """Everything the live panel shows for one run (``summary`` is the run's :class:`RunSummary`)."""
+    summary = run_summary(run)
     return {
-        "status": status,
-        "progress": progress_html(status, steps[-1] if steps else None, last_message),
-        "loss": loss_frame(steps),
+        "summary": summary,
+        "progress": progress_html(summary),
+        "loss": loss_frame(loss_curve(run)),
         "samples": newest_samples(run),
         "log": log_tail(run),
     }
