@@ -15,6 +15,9 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 
+#: exit code of ``sdlora train`` when the run was stopped (SIGTERM/SIGINT) with a checkpoint, not finished
+EXIT_STOPPED = 3
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
@@ -88,7 +91,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig.from_toml(a.config, a.set)
         result = train(cfg, callbacks=[render])
-    return 0 if result.state in ("done", "stopped") else 1
+    return {"done": 0, "stopped": EXIT_STOPPED}.get(result.state, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     t = sub.add_parser("train", help="train a LoRA from a config file (and --set overrides), or resume a run",
-                       description="Train a LoRA. Runs go to output_dir/output_name (default runs/my-style).")
-    t.add_argument("config", nargs="?", help="TOML config file, or a bundled config by name: demo_style, style_sd15, dreambooth_sd15, tiny (sdlora/configs/)")
+                       description="Train a LoRA. Runs go to output_dir/output_name (default runs/my-style). "
+                                   "Exit codes: 0 finished, 3 stopped with a checkpoint (resume to continue), "
+                                   "1 failed or refused, 2 bad command line.")
+    t.add_argument("config", nargs="?", help="TOML config file, or a bundled config by name: demo_style, style_sd15, style_sdxl, dreambooth_sd15, tiny (sdlora/configs/)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a config option (repeatable)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
     t.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
@@ -260,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _disk_full(e: OSError) -> bool:
+    import errno
+
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _quiet_model_loading() -> None:
     """No "Loading pipeline components" / "Loading weights" bars: the command's own progress is what counts."""
     from diffusers.utils import logging as diffusers_logging
@@ -290,6 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except errors as e:
         print(f"sdlora {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if not _disk_full(e):
+            raise
+        print(f"sdlora {args.command}: error: the disk is full ({e.filename or e}); free some space and run it again",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from sdlora.generate import Previewer
 from sdlora.lora import LoraSpec, inject_adapters, inspect_file, save_lora
 from sdlora.lora.errors import LoraError
-from sdlora.lora.variants.delta_lora import base_change, export_delta, save_merged_checkpoint
+from sdlora.lora.variants.delta_lora import base_change, export_delta
+from sdlora.train.export import save_merged_checkpoint
 from sdlora.models.loading import load_base
 from sdlora.models.tiny import build_tiny_pipeline
 from sdlora.train.runs import RunDir

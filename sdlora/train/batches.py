@@ -54,6 +54,10 @@ def preflight(cfg: TrainConfig) -> DatasetScan:
     except DatasetError as e:
         raise ConfigError("train_data_dir", str(e)) from None
     caption_config(cfg)
+    items = sum(item.repeats for item in scan.items)
+    if cfg.train_batch_size > items:
+        raise ConfigError("train_batch_size", f"is {cfg.train_batch_size}, but the dataset has {items} training images "
+                          f"(with repeats); use at most {items}")
     if cfg.random_crop and cfg.cache_latents:
         raise ConfigError("random_crop", "cannot be used with cache_latents (a cached latent is one fixed crop); "
                           "turn one of them off")
@@ -257,5 +261,7 @@ def build(cfg: TrainConfig, base, class_items: list[DatasetItem], accelerator, l
     scan = preflight(cfg)
     for s in scan.skipped:
         log.emit(Warning_(f"skipped {s.path}: {s.reason}"))
+    for text in scan.warnings:
+        log.emit(Warning_(text))
     cache_dir = (run_dir / "cache") if cfg.cache_latents_to_disk else None
     return TrainData(cfg, base, scan, class_items, accelerator, log, cache_dir)

@@ -52,8 +52,51 @@ def save_checkpoint(path: Path, *, step: int, adapter, optimizer, lr_scheduler,
         save_file(tensors, str(tmp / "rng.safetensors"))
         state = dict(step=step, rng=rng_state(), lr_scheduler=_jsonable(lr_scheduler.state_dict()), method=extra_json,
                      **extra)
+        # Written last: the sizes of every file, so a loader can tell a damaged checkpoint from a good one.
+        state["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
         (tmp / "state.json").write_text(json.dumps(state))
     return path
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from (a missing, truncated or unreadable file), or None.
+
+    Checks the file sizes recorded when it was written and that every safetensors header reads; cheap (no
+    tensor is loaded). Checkpoints written before sizes were recorded get the header checks only.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"state.json is unreadable ({e})"
+    for name, size in dict(state.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    for name in ("adapter.safetensors", "rng.safetensors", "optimizer.pt"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            return f"{f.name} is unreadable ({str(e).splitlines()[0][:100]})"
+    return None
+
+
+def newest_good_checkpoint(run) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint of ``run`` that can be resumed from, [(damaged newer checkpoint, why), ...])."""
+    bad: list[tuple[Path, str]] = []
+    for path in reversed(run.checkpoints()):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, bad
+        bad.append((path, problem))
+    return None, bad
 
 
 def restore_adapter(path: Path, adapter) -> dict[str, Any]:
@@ -93,7 +136,7 @@ def load_run_adapter(run_dir: str | Path, *, step: int | None = None, base: Any 
     run = RunDir(run_dir)
     if not run.exists():
         raise LoraError(f"{run_dir} is not a run directory (no config.toml).")
-    checkpoint = run.checkpoints_dir / f"step-{step}" if step is not None else run.latest_checkpoint()
+    checkpoint = run.checkpoints_dir / f"step-{step}" if step is not None else newest_good_checkpoint(run)[0]
     if checkpoint is None or not (checkpoint / "adapter.safetensors").is_file():
         which = f"checkpoint step-{step}" if step is not None else "checkpoint"
         raise LoraError(f"{run_dir} has no {which} to load an adapter from.")

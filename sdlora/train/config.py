@@ -68,10 +68,10 @@ class TrainConfig:
     shuffle_caption: bool = _f(False, section="data", help="Shuffle comma-separated tags of each caption every step.")
     keep_tokens: int = _f(0, section="data", min=0, help="Number of leading tags kept in place when shuffling.")
     caption_dropout_rate: float = _f(0.0, section="data", min=0.0, max=1.0, help="Share of steps that train with an empty caption.")
-    resolution: int = _f(512, group="main", section="data", min=64, help="Training resolution (pixels per side; multiple of 8).")
+    resolution: int = _f(512, group="main", section="data", min=64, max=4096, help="Training resolution (pixels per side; multiple of 8).")
     enable_bucket: bool = _f(True, section="data", help="Aspect-ratio bucketing instead of square crops.")
-    min_bucket_reso: int = _f(256, section="data", min=64, help="Smallest bucket side in pixels.")
-    max_bucket_reso: int = _f(1024, section="data", min=64, help="Largest bucket side in pixels.")
+    min_bucket_reso: int = _f(256, section="data", min=64, max=4096, help="Smallest bucket side in pixels.")
+    max_bucket_reso: int = _f(1024, section="data", min=64, max=8192, help="Largest bucket side in pixels.")
     bucket_reso_steps: int = _f(64, section="data", min=8, help="Bucket side step in pixels (multiple of 8).")
     bucket_no_upscale: bool = _f(False, section="data", help="Never upscale small images to fill a bucket.")
     random_crop: bool = _f(False, section="data", help="Random instead of centre crop (disables latent caching).")
@@ -89,21 +89,21 @@ class TrainConfig:
     network_type: str = _f("lora", section="network", help="Adapter method (see `sdlora variants`).")
     network_preset: str = _f("attn-mlp", group="main", section="network", choices=PRESETS,
                              help="Which layers get adapters: attn, attn-mlp (+ feed-forward, proj_in/out) or full (+ convs).")
-    network_dim: int = _f(16, group="main", section="network", min=1, help="LoRA rank of Linear layers.")
+    network_dim: int = _f(16, group="main", section="network", min=1, max=1024, help="LoRA rank of Linear layers.")
     network_alpha: float = _f(16.0, section="network", min=0.0, min_exclusive=True, help="LoRA alpha; scale = alpha / rank.")
-    conv_dim: int = _f(8, group="main", section="network", min=1, help="LoRA rank of Conv2d layers (preset 'full').")
+    conv_dim: int = _f(8, group="main", section="network", min=1, max=1024, help="LoRA rank of Conv2d layers (preset 'full').")
     conv_alpha: float = _f(4.0, section="network", min=0.0, min_exclusive=True, help="LoRA alpha of Conv2d layers.")
     network_dropout: float = _f(0.0, section="network", min=0.0, max=1.0, help="Dropout on the adapter input.")
     use_rslora: bool = _f(False, section="network", help="rsLoRA scaling alpha / sqrt(rank) instead of alpha / rank.")
     train_text_encoder: bool = _f(True, group="main", section="network", help="Also train a LoRA on the text encoder.")
-    text_encoder_dim: int = _f(0, section="network", min=0, help="Text-encoder LoRA rank (0 = network_dim).")
+    text_encoder_dim: int = _f(0, section="network", min=0, max=1024, help="Text-encoder LoRA rank (0 = network_dim).")
     text_encoder_alpha: float = _f(0.0, section="network", min=0.0, help="Text-encoder LoRA alpha (0 = network_alpha).")
     loraplus_lr_ratio: float = _f(0.0, section="network", min=0.0, help="LoRA+: lr of B = ratio x lr of A (0 = off, 16 suggested).")
     network_args: dict = _f(factory=dict, section="network", ui=False, help="Extra options of the adapter method (TOML table).")
     # --- optimisation ----------------------------------------------------------------------
-    max_train_steps: int = _f(1000, group="main", section="optimizer", min=1, help="Number of optimizer steps.")
-    train_batch_size: int = _f(1, group="main", section="optimizer", min=1, help="Images per step (per process).")
-    gradient_accumulation_steps: int = _f(1, section="optimizer", min=1, help="Micro-batches per optimizer step.")
+    max_train_steps: int = _f(1000, group="main", section="optimizer", min=1, max=1_000_000, help="Number of optimizer steps.")
+    train_batch_size: int = _f(1, group="main", section="optimizer", min=1, max=4096, help="Images per step (per process).")
+    gradient_accumulation_steps: int = _f(1, section="optimizer", min=1, max=1024, help="Micro-batches per optimizer step.")
     learning_rate: float = _f(1e-4, group="main", section="optimizer", min=0.0, help="Base learning rate (UNet unless unet_lr is set).")
     unet_lr: float = _f(0.0, section="optimizer", min=0.0, help="UNet learning rate (0 = learning_rate).")
     text_encoder_lr: float = _f(5e-5, group="main", section="optimizer", min=0.0,
@@ -244,6 +244,10 @@ class TrainConfig:
             raise ConfigError("network_type", f"{self.network_type!r} is not a known method; choose one of: {', '.join(names)}")
         from ..paths import safe_name
 
+        if len(self.output_name) > 128:
+            raise ConfigError("output_name", f"is {len(self.output_name)} characters long; use at most 128")
+        if not self.output_name or self.output_name.startswith("."):
+            raise ConfigError("output_name", f"{self.output_name!r} must not be empty or start with '.'")
         if safe_name(self.output_name) != self.output_name:
             raise ConfigError("output_name", f"{self.output_name!r} may only contain letters, digits, '-', '_' and '.'"
                               f" (try {safe_name(self.output_name)!r})")

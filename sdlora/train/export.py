@@ -86,20 +86,25 @@ def load_facts(run: RunDir) -> dict[str, Any]:
 
 
 def checkpoint_weights(run: RunDir, step: int | None = None, base: Any = None):
-    """(weights, base) of checkpoint ``step`` (default: the latest), exported by the run's method.
+    """(weights, base, step) of checkpoint ``step`` (default: the newest good one), exported by the run's method.
 
     The adapter is restored into the run's base model (loaded unless ``base`` is given) exactly as a
     resume restores it; ``base`` is returned so callers can read its family.
     """
     from .checkpoint import load_run_adapter
 
-    checkpoint = run.checkpoints_dir / f"step-{int(step)}" if step is not None else run.latest_checkpoint()
+    from .checkpoint import checkpoint_problem, newest_good_checkpoint
+
+    checkpoint = run.checkpoints_dir / f"step-{int(step)}" if step is not None else newest_good_checkpoint(run)[0]
     if checkpoint is None or not (checkpoint / "adapter.safetensors").is_file():
         available = [p.name for p in run.checkpoints()]
         which = f"checkpoint step-{step}" if step is not None else "checkpoint"
         raise RunExportError(f"Run {run.path} has no {which}; available: {', '.join(available) or 'none'}.")
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise RunExportError(f"Checkpoint {checkpoint.name} of run {run.path} is damaged ({problem}); export another step.")
     base, adapter = load_run_adapter(run.path, step=int(checkpoint.name.split("-", 1)[1]), base=base)
-    return adapter.export(), base
+    return adapter.export(), base, int(checkpoint.name.split("-", 1)[1])
 
 
 def _default_out(run: RunDir, step: int | None, rank: int | None, fmt: str) -> Path:
@@ -126,10 +131,9 @@ def export_run(run_dir: str | os.PathLike[str], *, fmt: str = "kohya", out: str 
         check_not_training(run, "export the run's final LoRA (give --step N to export a saved checkpoint)")
     facts = load_facts(run)
     if run.checkpoints():
-        weights, base = checkpoint_weights(run, step)
+        weights, base, at = checkpoint_weights(run, step)
         if facts.get("family") is None:
             facts["family"], facts["prediction_type"] = base.family, base.prediction_type
-        at = int(step) if step is not None else int(run.latest_checkpoint().name.split("-", 1)[1])
     elif step is None and run.lora_path.is_file():
         # No checkpoint is left (removed by hand): the final file is all there is.
         from ..lora.formats import export_from
@@ -145,10 +149,28 @@ def export_run(run_dir: str | os.PathLike[str], *, fmt: str = "kohya", out: str 
 
 
 def _resize(weights, rank: int):
-    from ..lora.variants.dylora import truncate_rank
-    from ..lora.weights import resize_rank
+    """The method's own lower-rank copy (DyLoRA truncates its nested ranks, the others take an SVD)."""
+    from ..lora.variants import get_method
 
-    return truncate_rank(weights, rank) if weights.method == "dylora" else resize_rank(weights, rank)
+    return get_method(weights.method).reduce_rank(weights, rank)
+
+
+def save_merged_checkpoint(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype=None) -> Path:
+    """Write a Delta-LoRA run's exact result (base + total change) as an A1111 single-file checkpoint.
+
+    Loads the run's base model, rebuilds the adapter from the run's newest good checkpoint (weights and
+    ``A_K``/``B_K``), folds it in (``delta_lora.merge_into_base``) and saves with ``save_single_file``.
+    """
+    from ..lora.errors import LoraError
+    from ..lora.variants.delta_lora import merge_into_base
+    from ..models.single_file import save_single_file
+    from .checkpoint import load_run_adapter
+
+    base, adapter = load_run_adapter(run_dir)
+    if adapter.method.name != "delta_lora":
+        raise LoraError(f"{run_dir} is a {adapter.method.name!r} run; a merged checkpoint here is for Delta-LoRA runs.")
+    merge_into_base(adapter)
+    return save_single_file(base.pipe, out, dtype=dtype, metadata={"sdlora_merged_from": Path(run_dir).name})
 
 
 def training_facts(cfg: TrainConfig, data, step: int, t_start: float) -> dict[str, str]:

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import inject_run_adapter, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (inject_run_adapter, load_checkpoint, newest_good_checkpoint, prune_checkpoints,
+                         save_checkpoint)
 from .config import ConfigError, TrainConfig, learning_rates
 from .export import save_dtype, save_facts, training_facts, write_run_lora
 from .events import Callback, Checkpoint, Done, EventLog, Failed, Message, Start, Step, Stopped, Warning_
@@ -139,6 +140,10 @@ def _train_locked(cfg: TrainConfig, run: RunDir, accelerator, callbacks, precisi
         _fail(run, log, accelerator, step, str(e))
         raise
     except Exception as e:  # noqa: BLE001 - the run directory must say why it failed
+        if _is_disk_full(e):
+            msg = _disk_full_message(run)
+            _fail(run, log, accelerator, step, msg)
+            raise TrainingError(msg) from None
         if _is_out_of_memory(e):
             msg = (f"out of memory ({str(e).splitlines()[0][:120]}): lower train_batch_size (now {cfg.train_batch_size}), "
                    f"resolution (now {cfg.resolution}) or network_dim (now {cfg.network_dim}), or turn on "
@@ -162,9 +167,50 @@ def _is_out_of_memory(e: BaseException) -> bool:
 def _fail(run: RunDir, log: EventLog, accelerator, step: int, message: str) -> None:
     last = run.last_step_event()
     step = last["step"] if last else step
-    log.emit(Failed(step=step, error=message))
-    if accelerator.is_main_process:
-        run.write_status("failed", message, step=step)
+    try:
+        log.emit(Failed(step=step, error=message))
+        if accelerator.is_main_process:
+            run.write_status("failed", message, step=step)
+    except OSError:
+        pass  # e.g. the disk is full: the message still reaches the caller (and the CLI's output)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC as Python raises it, as safetensors words it, or as torch's zip writer reports it ("unexpected pos",
+    "file write failed")."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e).lower()
+    if "no space left on device" in text or "os error 28" in text:  # e.g. safetensors' writer
+        return True
+    return isinstance(e, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
+
+
+def _disk_full_message(run: RunDir) -> str:
+    """One line: the disk is full, where, how much the next checkpoint needs, which checkpoint is intact."""
+    import shutil
+
+    from .checkpoint import newest_good_checkpoint
+
+    good, _ = newest_good_checkpoint(run)
+    need = sum(f.stat().st_size for f in good.iterdir() if f.is_file()) if good else None
+    try:
+        free = shutil.disk_usage(run.path).free
+    except OSError:
+        free = None
+    parts = [f"the disk is full: writing in {run.path} failed"]
+    if free is not None:
+        parts.append(f"{free / 1e6:.1f} MB free there")
+    if need:
+        parts.append(f"the next checkpoint needs about {need / 1e6:.1f} MB")
+    if good is not None:
+        parts.append(f"the last complete checkpoint ({good.name}) is intact: free some space and resume with "
+                     f"`sdlora train --resume {run.path}`")
+    else:
+        parts.append("no checkpoint was saved yet: free some space and start again")
+    return "; ".join(parts)
 
 
 def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _StopFlag, precision: str,
@@ -223,7 +269,10 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
                                  num_training_steps=cfg.max_train_steps)
 
     start_step = 0
-    latest = run.latest_checkpoint()
+    latest, damaged = newest_good_checkpoint(run)
+    for path, why in damaged:
+        log.emit(Warning_(f"checkpoint {path.name} is damaged ({why}); resuming from "
+                          f"{latest.name if latest else 'the start'} instead"))
     if resumed and latest is not None:
         state = load_checkpoint(latest, adapter=adapter, optimizer=optimizer, lr_scheduler=lr_scheduler)
         start_step = state["step"]

@@ -91,7 +91,9 @@ class RunDir:
             st = {"state": "queued" if self.exists() else "failed", "message": "" if self.exists() else "no config.toml"}
         if st.get("state") in ("running", "queued") and st.get("pid") and not pid_alive(st["pid"]):
             st["state"] = "stopped"
-            st["message"] = ("the training process ended without a word (killed or crashed); "
+            st["message"] = ("the training process ended without a word (killed or crashed; the system kills it "
+                             "when memory runs out: then lower train_batch_size or resolution, or turn on "
+                             "gradient_checkpointing); "
                              "resume continues from the newest checkpoint")
         last = self.last_step_event()
         st.setdefault("step", last["step"] if last else 0)
@@ -106,11 +108,22 @@ class RunDir:
     def events(self, types: set[str] | None = None) -> list[dict[str, Any]]:
         return list(read_events(self.events_path, types))
 
+    def step_events(self) -> list[dict[str, Any]]:
+        """The step events of the training that counts: after a resume from step N (a ``start`` event with
+        ``start_step`` N), the steps above N that a stopped or killed process logged before are dropped,
+        since the resumed process did them again."""
+        steps: list[dict[str, Any]] = []
+        for ev in read_events(self.events_path, {"step", "start"}):
+            if ev.get("type") == "start":
+                start = int(ev.get("start_step") or 0)
+                steps = [e for e in steps if int(e.get("step", 0)) <= start]
+            else:
+                steps.append(ev)
+        return steps
+
     def last_step_event(self) -> dict[str, Any] | None:
-        last = None
-        for ev in read_events(self.events_path, {"step"}):
-            last = ev
-        return last
+        steps = self.step_events()
+        return steps[-1] if steps else None
 
     def samples(self) -> list[Path]:
         if not self.samples_dir.is_dir():

@@ -26,16 +26,14 @@ The total change of a layer at the end, ``s * ((1 + lambda) B A - lambda B_K A_K
 default the layer's rank ``r``; ``2 r`` is exact); the relative error is written to the file's
 metadata (``sdlora_delta_svd_rel_error``, ``sdlora_delta_svd_max_layer_error``) and returned by
 :func:`export_delta`. :func:`merge_into_base` folds the exact change into the base weights, for a
-merged checkpoint (``sdlora.models.single_file.save_single_file(pipe, path)``; or
-:func:`save_merged_checkpoint` from a run directory).
+merged checkpoint (``sdlora.models.single_file.save_single_file(pipe, path)``; from a run directory:
+:func:`sdlora.train.export.save_merged_checkpoint`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -259,23 +257,6 @@ def merge_into_base(adapter: "LoraAdapter") -> None:
                 setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())  # type: ignore[attr-defined]
 
 
-def save_merged_checkpoint(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
-    """Write a Delta-LoRA run's exact result (base + total change) as an A1111 single-file checkpoint.
-
-    Loads the run's base model, rebuilds the adapter from the run's last checkpoint (weights and
-    ``A_K``/``B_K``), folds it in (:func:`merge_into_base`) and saves with ``save_single_file``.
-    """
-    from ...models.single_file import save_single_file
-
-    from ...train.checkpoint import load_run_adapter
-
-    base, adapter = load_run_adapter(run_dir)
-    if adapter.method.name != "delta_lora":
-        raise LoraError(f"{run_dir} is a {adapter.method.name!r} run; a merged checkpoint here is for Delta-LoRA runs.")
-    merge_into_base(adapter)
-    return save_single_file(base.pipe, out, dtype=dtype, metadata={"sdlora_merged_from": Path(run_dir).name})
-
-
 def _check_number(name: str, value: Any, *, low: float, strict: bool, high: float | None = None) -> None:
     bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
     bad = bad or (value <= low if strict else value < low) or (high is not None and value >= high)
@@ -409,6 +390,5 @@ __all__ = [
     "base_change",
     "export_delta",
     "merge_into_base",
-    "save_merged_checkpoint",
     "svd_factors",
 ]
