@@ -16,12 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_testing import (QUICK, AppProcess, broken_model, copy_tiny_model, make_images, make_zip, png_bytes,
-                               striped, wait_for)
-
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
+from app_testing import (QUICK, AppProcess, broken_model, copy_tiny_model, make_images, make_zip, png_bytes, striped,
+                         wait_for)
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
 MAX_UPLOAD_MB = 1
 
@@ -327,8 +325,7 @@ def test_bundled_style_set_becomes_an_editable_dataset(app, client):
     from sdlora.ui.datasets import list_style_sets
 
     styles = list_style_sets()
-    if not styles:
-        pytest.skip("no bundled style sets in sample_data/styles")
+    assert styles, "the bundled style sets are missing from the package"
     gallery, check, *_ = client.predict(dataset_name="from-bundle", style=styles[0], trigger_word="zq",
                                         api_name="/use_style_set")
     folder = app.runs_dir / "_datasets" / "from-bundle"

@@ -7,13 +7,10 @@ import json
 import os
 import signal
 
-import pytest
+from app_testing import QUICK, AppProcess, copy_tiny_model, make_images, stop_all_training, wait_for
+from gradio_client import Client, handle_file
 
 from sdlora.train import RunDir, pid_alive
-from app_testing import QUICK, AppProcess, copy_tiny_model, make_images, stop_all_training, wait_for
-
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
 
 
 def test_restart_during_training_then_stop_and_resume(tmp_path, tiny_model_dir):

@@ -14,7 +14,7 @@ from sdlora.train import ConfigError, RunDir, TrainConfig
 from sdlora.ui import datasets as ds
 from sdlora.ui import form
 from sdlora.ui.errors import UIError, message_for
-from sdlora.ui.server import DEFAULT_HOST, DEFAULT_PORT, OptionError, parse_auth, parse_options
+from sdlora.ui.server import OptionError, parse_auth, parse_options
 
 
 def _png(path: Path, color=(200, 30, 30), size=(64, 64)) -> Path:
@@ -33,8 +33,7 @@ def _png_bytes(color=(10, 200, 10)) -> bytes:
 def test_defaults_are_local_and_private(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     o = parse_options([])
-    assert (o.host, o.port, o.share, o.auth) == (DEFAULT_HOST, DEFAULT_PORT, False, None)
-    assert o.host == "127.0.0.1" and o.port == 7860
+    assert (o.host, o.port, o.share, o.auth) == ("127.0.0.1", 7860, False, None)
     assert o.runs_dir == tmp_path / "runs" and o.models_dir == tmp_path / "models"
     assert o.allowed_paths() == [str(tmp_path / "runs"), str(tmp_path / "models")]
 
@@ -187,8 +186,7 @@ def test_captions_write_and_remove(tmp_path):
 
 def test_bundled_style_sets_copy(tmp_path):
     styles = ds.list_style_sets()
-    if not styles:
-        pytest.skip("no bundled style sets in sample_data/styles")
+    assert styles, "the bundled style sets are missing from the package"
     n = ds.copy_style_set(styles[0], tmp_path / "copy")
     assert n > 0 and len(ds.image_files(tmp_path / "copy")) > 0
     with pytest.raises(UIError, match="not a bundled style set"):
@@ -323,14 +321,20 @@ def test_form_values_become_config_values():
         form.settings_from_form({"pretrained_model_name_or_path": "/etc"})
 
 
-def test_presets_fill_training_options_only():
-    choices = [v for _, v in form.available_presets()]
-    assert "custom" in choices
-    if "style" not in choices:
-        pytest.skip("configs/style_sd15.toml is not shipped")
-    values = form.preset_values("style")
-    assert values["network_preset"] == "full"
-    assert not set(values) & (set(form.PAGE_SET) | {"resolution"})
+def test_style_preset_fills_the_shipped_style_config_and_leaves_size_and_paths(tmp_path):
+    from sdlora.resources import config_path
+
+    app, page = _page(tmp_path / "runs", tmp_path / "models")
+    assert [label for label, _ in page["tr-preset"][1]["choices"]] == ["Style", "Subject with prior preservation",
+                                                                       "Custom"]
+    shown = _shown(app.train.apply_preset("style"))
+    style = TrainConfig.from_toml(config_path("style_sd15"), validate=False)
+    assert shown["cfg-network_preset"] == style.network_preset
+    assert shown["cfg-max_train_steps"] == style.max_train_steps
+    assert shown["cfg-learning_rate"] == style.learning_rate
+    # The size follows the base model and the seed stays; paths are never form fields.
+    assert not {"cfg-resolution", "cfg-min_bucket_reso", "cfg-max_bucket_reso", "cfg-seed"} & set(shown)
+    assert _shown(app.train.apply_preset("custom")) == {}
 
 
 def test_error_messages_name_the_setting():
