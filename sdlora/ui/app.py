@@ -1,9 +1,9 @@
 """The web app's page: a header and the Dataset, Train, Preview and Export tabs (``tabs/``).
 
-Handlers only call the library's public API - :func:`sdlora.data` storage of uploads,
-:mod:`sdlora.train` (config, runs, run summaries, export), :class:`sdlora.generate.Previewer`,
-:mod:`sdlora.lora.formats` inspection - and read run directories. Every handler a script may call
-has an ``api_name``, so ``gradio_client`` drives the app exactly as the page does.
+Handlers only call the library's public API - :mod:`sdlora.train` (config, start/stop, run summaries,
+the dataset check, export), :class:`sdlora.generate.Previewer`, :mod:`sdlora.lora.formats` inspection,
+the models folder's list from :mod:`sdlora.models.loading` - and read run directories. Every handler
+a script may call has an ``api_name``, so ``gradio_client`` drives the app exactly as the page does.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from .. import form
 from ..context import AppContext
 from ..errors import UIError, guarded
 
+
 @dataclass
 class GenerationForm:
     """The inputs every generation takes, as the page (or an API call) sends them; the scale, or the
