@@ -265,6 +265,12 @@ def test_an_sdxl_base_sets_sdxl_size_buckets_and_rates(tmp_path):
     assert shown == {"cfg-resolution": 1024, "cfg-min_bucket_reso": 512, "cfg-max_bucket_reso": 2048,
                      "cfg-bucket_reso_steps": 64, "cfg-learning_rate": 1e-4, "cfg-text_encoder_lr": 5e-6,
                      "pv-width": 1024, "pv-height": 1024}
+    # The Preview tab's own base list sets the image size the same way, and picking the LoRA of a run
+    # trained on the SDXL base selects that base at its size.
+    assert _shown(app.preview.size_for_base(xl)) == {"pv-width": 1024, "pv-height": 1024}
+    trained_on_xl = TrainConfig(output_name="xl-run", pretrained_model_name_or_path=xl)
+    RunDir(tmp_path / "runs" / "xl-run").write_config(trained_on_xl)
+    assert _shown(app.preview.base_for_runs(["xl-run"], "demo")) == {"pv-base": xl, "pv-width": 1024, "pv-height": 1024}
     # Back to the demo model: its own size and the SD rates again.
     demo_res = page["cfg-resolution"][1]["value"]
     shown = _shown(app.train.base_changed("demo", learning_rate=1e-4, text_encoder_lr=5e-6))

@@ -138,6 +138,8 @@ class PreviewTab:
                     api_visibility="private", show_progress="hidden")
         self.runs.input(self.base_for_runs, inputs=[self.runs, self.base], outputs=[self.base, self.width, self.height],
                         api_visibility="private", show_progress="hidden")
+        self.base.input(self.size_for_base, inputs=self.base, outputs=[self.width, self.height],
+                        api_visibility="private", show_progress="hidden")
         self.generate.click(self.preview, inputs_kwargs=dict(gen, scale=self.scale), outputs=self.image,
                             api_name="preview", concurrency_id="preview")
         self.scale.input(self.preview, inputs_kwargs=dict(gen, scale=self.scale), outputs=self.image,
@@ -245,6 +247,14 @@ class PreviewTab:
         names = list(lora_runs or []) + [Path(str(f)).name for f in lora_files or []]
         return [[n, given.get(n, 1.0)] for n in names]
 
+    def size_for_base(self, base: str):
+        """Choosing a base model sets the image size to its native size (1024 px for SDXL)."""
+        choice = self.ctx.base_choice(base)
+        if choice is None or not choice.resolution:
+            return {}
+        size = form.base_defaults(choice.resolution, choice.family)
+        return {self.width: size["width"], self.height: size["height"]}
+
     def base_for_runs(self, lora_runs: list[str] | None, base: str):
         """Picking a run's LoRA selects the base model it was trained on (when listed), at its size."""
         values = [m.value for m in self.ctx.base_models()]
@@ -255,10 +265,5 @@ class PreviewTab:
                 continue
             for v in (spec, str(Path(spec).resolve()) if spec not in ("demo", "tiny") else spec):
                 if v in values:
-                    out: dict = {self.base: v}
-                    choice = self.ctx.base_choice(v)
-                    if choice and choice.resolution:
-                        size = form.base_defaults(choice.resolution, choice.family)
-                        out.update({self.width: size["width"], self.height: size["height"]})
-                    return out
+                    return {self.base: v, **self.size_for_base(v)}
         return {}
