@@ -239,6 +239,9 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         vae.to(torch.float32)  # the SDXL VAE overflows in fp16: it encodes in fp32 (latents are cached once)
         log.emit(Message("the VAE runs in fp32: it overflows in fp16"))
     noise_scheduler = base.noise_scheduler
+    if cfg.resolution * 2 <= base.resolution:
+        log.emit(Warning_(f"resolution {cfg.resolution} is far below this base model's native {base.resolution} px; "
+                          f"it learns best near {base.resolution} (set resolution = {base.resolution})"))
 
     # Class images are made with the plain base model, before adapters exist.
     class_items = []
