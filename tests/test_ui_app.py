@@ -326,11 +326,16 @@ def test_bundled_style_set_becomes_an_editable_dataset(app, client):
 
     styles = list_style_sets()
     assert styles, "the bundled style sets are missing from the package"
-    gallery, check, *_ = client.predict(dataset_name="from-bundle", style=styles[0], trigger_word="zq",
-                                        api_name="/use_style_set")
-    folder = app.runs_dir / "_datasets" / "from-bundle"
+    out = client.predict(dataset_name="from-bundle", style=styles[0], trigger_word="", api_name="/use_style_set")
+    gallery, check, name, trigger = out[0], out[1], out[-2], out[-1]
+    # The set lands in a dataset of its own name (not the name box's), with its own trigger word.
+    folder = app.runs_dir / "_datasets" / styles[0]
+    assert name == styles[0] and not (app.runs_dir / "_datasets" / "from-bundle").exists()
+    assert trigger == {"outline": "outlined", "pastel": "pastelish", "stripes": "stripey"}[styles[0]]
     assert len(gallery) == len(list(folder.glob("*.png"))) > 0
     assert f"{len(gallery)} image(s) will be used" in check
+    # A trigger word of the user's own stays.
+    assert client.predict(dataset_name="", style=styles[0], trigger_word="zq", api_name="/use_style_set")[-1] == "zq"
     with pytest.raises(AppError) as e:
         client.predict(dataset_name="x", style="../../etc", api_name="/use_style_set")
     assert "../../etc" in _message(e) and "Traceback" not in _message(e)  # gradio's own choice check

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from sdlora.resources import config_path
 from sdlora.train import ConfigError, RunDir, TrainConfig
 from sdlora.ui import datasets as ds
 from sdlora.ui import form
@@ -235,12 +236,16 @@ def test_training_form_shows_the_settings_and_no_server_paths(tmp_path):
     assert all(props.get("info") for _, props, _ in fields.values())  # every field says what it does
     kind, props, _ = fields["mixed_precision"]
     assert kind == "dropdown" and "auto" in [c[1] for c in props["choices"]]  # a fixed set of values is a list
-    # An untouched form trains with the config's defaults (only the size follows the chosen base model).
+    # An untouched form on the bundled demo model trains with the shipped demo style config (the
+    # values that make its style show), the trigger word and preview prompt included.
     values = {name: props["value"] for name, (_, props, _) in fields.items()}
     chosen = TrainConfig.from_dict(form.settings_from_form(values), validate=False).to_dict()
-    defaults = TrainConfig().to_dict()
-    assert {k for k in chosen if chosen[k] != defaults[k]} <= {"resolution", "min_bucket_reso", "max_bucket_reso",
-                                                              "bucket_reso_steps"}
+    demo = TrainConfig.from_toml(config_path("demo_style"), validate=False).to_dict()
+    differ = {k for k in chosen if chosen[k] != demo[k]}
+    assert differ <= set(form.PAGE_SET) | {"seed"}, {k: (chosen[k], demo[k]) for k in differ}
+    assert page["tr-preset"][1]["value"] == "style"
+    assert page["ds-trigger"][1]["value"] == demo["trigger_word"] == "outlined"
+    assert page["pv-prompt"][1]["value"] == "a green circle on a black background, in outlined style"
 
 
 def _sdxl_folder(target: Path) -> Path:
@@ -253,6 +258,16 @@ def _sdxl_folder(target: Path) -> Path:
     return target
 
 
+def _values(page: dict) -> dict:
+    """The page's training form, trigger word and preview prompt as a handler receives them."""
+    out = {eid[len("cfg-"):]: props["value"] for eid, (_, props, _) in page.items() if eid.startswith("cfg-")}
+    return dict(out, trigger_word=page["ds-trigger"][1]["value"], prompt=page["pv-prompt"][1]["value"])
+
+
+def _applied(updates: dict) -> dict:
+    return next(u for c, u in updates.items() if c.elem_id is None and isinstance(u, dict) and "network_dim" in u)
+
+
 def test_an_sdxl_base_sets_sdxl_size_buckets_and_rates(tmp_path):
     models = tmp_path / "models"
     xl = str(_sdxl_folder(models / "my-sdxl").resolve())
@@ -260,26 +275,43 @@ def test_an_sdxl_base_sets_sdxl_size_buckets_and_rates(tmp_path):
     labels = dict((v, label) for label, v in page["tr-base"][1]["choices"])
     assert "SDXL" in labels[xl] and "1024" in labels[xl]
     assert labels == dict((v, label) for label, v in page["pv-base"][1]["choices"])
-    sd_rates = dict(learning_rate=1e-4, text_encoder_lr=5e-5)  # the form's defaults
-    shown = _shown(app.train.base_changed(xl, **sd_rates))
-    assert shown == {"cfg-resolution": 1024, "cfg-min_bucket_reso": 512, "cfg-max_bucket_reso": 2048,
-                     "cfg-bucket_reso_steps": 64, "cfg-learning_rate": 1e-4, "cfg-text_encoder_lr": 5e-6,
-                     "pv-width": 1024, "pv-height": 1024}
+    start = _values(page)
+    applied = app.train.applied.value
+    updates = app.train.base_changed(xl, "style", applied, **start)
+    shown = _shown(updates)
+    sdxl = TrainConfig.from_toml(config_path("style_sdxl"), validate=False)
+    assert {k: shown.get(k) for k in ("cfg-resolution", "cfg-min_bucket_reso", "cfg-max_bucket_reso",
+                                      "cfg-learning_rate", "cfg-text_encoder_lr", "pv-width", "pv-height")} == {
+        "cfg-resolution": 1024, "cfg-min_bucket_reso": 512, "cfg-max_bucket_reso": 2048,
+        "cfg-learning_rate": 1e-4, "cfg-text_encoder_lr": 5e-6, "pv-width": 1024, "pv-height": 1024}
+    # The SDXL style preset replaces the demo model's: its steps, batch, schedule and samples.
+    assert (shown["cfg-max_train_steps"], shown["cfg-train_batch_size"], shown["cfg-enable_bucket"]) == (
+        sdxl.max_train_steps, sdxl.train_batch_size, True)
+    assert shown["ds-trigger"] == "mystyle" and shown["pv-prompt"] == "a house by a lake, in mystyle style"
     # The Preview tab's own base list sets the image size the same way, and picking the LoRA of a run
-    # trained on the SDXL base selects that base at its size.
+    # trained on the SDXL base selects that base at its size, with a prompt in the run's trigger word.
     assert _shown(app.preview.size_for_base(xl)) == {"pv-width": 1024, "pv-height": 1024}
-    trained_on_xl = TrainConfig(output_name="xl-run", pretrained_model_name_or_path=xl)
+    trained_on_xl = TrainConfig(output_name="xl-run", pretrained_model_name_or_path=xl, trigger_word="inky")
     RunDir(tmp_path / "runs" / "xl-run").write_config(trained_on_xl)
-    assert _shown(app.preview.base_for_runs(["xl-run"], "demo")) == {"pv-base": xl, "pv-width": 1024, "pv-height": 1024}
-    # Back to the demo model: its own size and the SD rates again.
-    demo_res = page["cfg-resolution"][1]["value"]
-    shown = _shown(app.train.base_changed("demo", learning_rate=1e-4, text_encoder_lr=5e-6))
-    assert shown["cfg-resolution"] == shown["pv-width"] == demo_res
-    assert (shown["cfg-learning_rate"], shown["cfg-text_encoder_lr"]) == (1e-4, 5e-5)
-    # Rates the user typed in stay; the size still follows the base.
-    shown = _shown(app.train.base_changed(xl, learning_rate=3e-4, text_encoder_lr=1e-5))
-    assert "cfg-learning_rate" not in shown and "cfg-text_encoder_lr" not in shown
-    assert shown["cfg-resolution"] == 1024
+    assert _shown(app.preview.base_for_runs(["xl-run"], "demo", start["prompt"])) == {
+        "pv-base": xl, "pv-width": 1024, "pv-height": 1024, "pv-prompt": "a house by a lake, in inky style"}
+    assert "pv-prompt" not in _shown(app.preview.base_for_runs(["xl-run"], "demo", "my own prompt"))
+
+    # Values the user changed stay when the base changes; the others follow it, back and forth.
+    edited = dict(start, max_train_steps=321, learning_rate=3e-4, trigger_word="mine")
+    updates = app.train.base_changed(xl, "style", applied, **edited)
+    shown = _shown(updates)
+    assert not {"cfg-max_train_steps", "cfg-learning_rate", "ds-trigger"} & set(shown)
+    assert shown["cfg-resolution"] == 1024 and shown["cfg-train_batch_size"] == sdxl.train_batch_size
+    on_xl = dict(edited, **{k[len("cfg-"):]: v for k, v in shown.items() if str(k).startswith("cfg-")})
+    back = _shown(app.train.base_changed("demo", "style", _applied(updates), **on_xl))
+    assert back["cfg-resolution"] == back["pv-width"] == 64 and back["cfg-train_batch_size"] == 4
+    assert "cfg-max_train_steps" not in back and "cfg-learning_rate" not in back
+    # With the "Custom" preset only the size and the family's rates follow the base.
+    custom = _shown(app.train.base_changed(xl, "custom", applied, **start))
+    assert {k for k in custom if str(k).startswith("cfg-")} <= {"cfg-resolution", "cfg-min_bucket_reso",
+                                                            "cfg-max_bucket_reso", "cfg-bucket_reso_steps",
+                                                            "cfg-learning_rate", "cfg-text_encoder_lr"}
 
 
 def test_a_page_that_opens_on_an_sdxl_base_starts_with_sdxl_defaults(tmp_path, monkeypatch):
@@ -327,20 +359,28 @@ def test_form_values_become_config_values():
         form.settings_from_form({"pretrained_model_name_or_path": "/etc"})
 
 
-def test_style_preset_fills_the_shipped_style_config_and_leaves_size_and_paths(tmp_path):
-    from sdlora.resources import config_path
-
-    app, page = _page(tmp_path / "runs", tmp_path / "models")
+def test_style_preset_follows_the_base_and_leaves_paths_and_seed(tmp_path):
+    models = tmp_path / "models"
+    xl = str(_sdxl_folder(models / "my-sdxl").resolve())
+    app, page = _page(tmp_path / "runs", models)
     assert [label for label, _ in page["tr-preset"][1]["choices"]] == ["Style", "Subject with prior preservation",
                                                                        "Custom"]
-    shown = _shown(app.train.apply_preset("style"))
-    style = TrainConfig.from_toml(config_path("style_sd15"), validate=False)
-    assert shown["cfg-network_preset"] == style.network_preset
-    assert shown["cfg-max_train_steps"] == style.max_train_steps
-    assert shown["cfg-learning_rate"] == style.learning_rate
-    # The size follows the base model and the seed stays; paths are never form fields.
-    assert not {"cfg-resolution", "cfg-min_bucket_reso", "cfg-max_bucket_reso", "cfg-seed"} & set(shown)
-    assert _shown(app.train.apply_preset("custom")) == {}
+    start = _values(page)
+    applied = app.train.applied.value
+    # "Subject" then "Style" again on the demo model: the demo style config comes back.
+    subject = _shown(app.train.apply_preset("demo", "subject", applied, **start))
+    assert subject["cfg-with_prior_preservation"] is True
+    assert not {"cfg-seed", "cfg-resolution"} & set(subject)
+    back = dict(start, **{k[len("cfg-"):]: v for k, v in subject.items() if str(k).startswith("cfg-")})
+    demo = TrainConfig.from_toml(config_path("demo_style"), validate=False)
+    shown = _shown(app.train.apply_preset("demo", "style", applied, **back))
+    assert shown["cfg-max_train_steps"] == demo.max_train_steps and shown["cfg-learning_rate"] == demo.learning_rate
+    # On an SDXL base the shipped SDXL style config applies, at the base's own size.
+    style = TrainConfig.from_toml(config_path("style_sdxl"), validate=False)
+    shown = _shown(app.train.apply_preset(xl, "style", applied, **start))
+    assert (shown["cfg-max_train_steps"], shown["cfg-gradient_checkpointing"]) == (style.max_train_steps, True)
+    assert shown["cfg-resolution"] == 1024 and "cfg-seed" not in shown
+    assert _shown(app.train.apply_preset("demo", "custom", applied, **start)) == {}
 
 
 def test_error_messages_name_the_setting():

@@ -14,6 +14,9 @@ def theme() -> gr.themes.Base:
 
 
 CSS = """
+/* A handler's error is a message box (toast); gradio would also lay an "Error" badge over every output
+   of the event, which hides the component and catches clicks until its x is pressed. */
+[data-testid="status-tracker"]:has(> span.error) { display: none !important; }
 .sdl-progress { display: flex; flex-direction: column; gap: 6px; padding: 10px 12px;
   border: 1px solid var(--border-color-primary); border-radius: var(--radius-lg); background: var(--block-background-fill); }
 .sdl-progress .sdl-bar { height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; }

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import gradio as gr
 
 from .. import datasets as ds
+from .. import defaults
 from ..context import AppContext
 from ..dataview import CHECK_FIELDS, dataset_view
 from ..errors import UIError, esc, guarded
@@ -27,6 +29,7 @@ class DatasetTab:
     def layout(self) -> None:
         datasets = ds.list_datasets(self.ctx.runs_dir)
         styles = ds.list_style_sets()
+        trigger = defaults.trigger_word(self.ctx.base_choice(self.ctx.base_dropdown()[1]))
         with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
             with gr.Row():
                 self.name = gr.Textbox(value=datasets[0] if datasets else "my-style", label="Dataset name",
@@ -34,9 +37,9 @@ class DatasetTab:
                                        elem_id="ds-name", scale=2)
                 self.existing = gr.Dropdown(choices=datasets, value=datasets[0] if datasets else None,
                                             label="Open a dataset",
-                                            info=f"Dataset folders in {ds.datasets_root(self.ctx.runs_dir)}.",
+                                            info="Datasets uploaded here or made from a bundled style set.",
                                             elem_id="ds-existing", scale=2, allow_custom_value=True)
-                self.trigger = gr.Textbox(value="", label="Trigger word",
+                self.trigger = gr.Textbox(value=trigger, label="Trigger word",
                                           info="The word that calls up the style in prompts, e.g. 'mystyle'.",
                                           elem_id="ds-trigger", scale=2)
             with gr.Row():
@@ -76,7 +79,7 @@ class DatasetTab:
         self.existing.input(_same, inputs=self.existing, outputs=self.name, api_visibility="private").then(
             self.open_dataset, inputs_kwargs=self.inputs_kw, outputs=self.view_outputs, api_name="open_dataset")
         self.use_style.click(self.use_style_set, inputs_kwargs=dict(self.inputs_kw, style=self.style),
-                             outputs=self.view_outputs, api_name="use_style_set")
+                             outputs=[*self.view_outputs, self.name, self.trigger], api_name="use_style_set")
         self.recheck.click(self.check_dataset, inputs_kwargs=self.inputs_kw, outputs=self.check,
                            api_name="check_dataset")
         self.gallery.select(self.select_image, inputs=[self.name, self.items], outputs=[self.selected, self.caption],
@@ -121,11 +124,14 @@ class DatasetTab:
         """Add uploaded images, captions or .zip files to a dataset and check it."""
         if not files:
             raise UIError("No files were uploaded. Choose images, .txt captions or a .zip.", title="Upload")
-        folder = self._folder(dataset_name, create=True)
+        folder = self._folder(dataset_name)
+        new = not folder.exists()
         uploads = [(Path(str(f)).name, str(f)) for f in files]
         report = ds.add_files(folder, uploads, self.ctx.opts.max_upload_bytes)
         refused = [f"{name}: {reason}" for name, reason in report.rejected]
         if not report.added and refused:
+            if new:
+                shutil.rmtree(folder, ignore_errors=True)  # no empty dataset left behind
             raise UIError("Nothing was added. " + " ; ".join(refused), title="Upload")
         if report.added:
             gr.Info(f"Added {len(report.added)} file(s) to dataset {folder.name}.")
@@ -141,15 +147,20 @@ class DatasetTab:
         return self._redraw(folder, trigger_word, check)
 
     @guarded
-    def use_style_set(self, dataset_name: str, style: str, trigger_word: str = "", **check: Any):
-        """Copy a bundled style set into the dataset (so its captions can be edited)."""
+    def use_style_set(self, dataset_name: str = "", style: str = "", trigger_word: str = "", **check: Any):
+        """Copy a bundled style set into a dataset of its own name (so its captions can be edited), with
+        the trigger word it was made for unless the user wrote their own."""
         if not style:
             raise UIError("Choose a bundled style set first.", title="Style set")
-        name = dataset_name if (dataset_name or "").strip() else style
-        folder = self._folder(name, create=True)
-        n = ds.copy_style_set(style, folder)
-        gr.Info(f"Copied {n} file(s) of style set {style} into dataset {folder.name}.")
-        return self._redraw(folder, trigger_word, check)
+        folder = self._folder(style, create=True)
+        ds.copy_style_set(style, folder)
+        images = len(ds.image_files(folder))
+        trigger = (trigger_word or "").strip()
+        if not trigger or trigger in _page_triggers():
+            trigger = defaults.STYLE_TRIGGERS.get(style, trigger)
+        gr.Info(f"Dataset {folder.name}: {images} images with captions from the bundled style set {style}. "
+                f"Trigger word: {trigger or '(none)'}.")
+        return {**self._redraw(folder, trigger, check), self.name: folder.name, self.trigger: trigger}
 
     @guarded
     def check_dataset(self, dataset_name: str, trigger_word: str = "", **check: Any) -> str:
@@ -206,6 +217,15 @@ class DatasetTab:
             return {}
         view = dataset_view(folder, trigger_word, check)
         return {self.gallery: view.gallery, self.check: view.html, self.items: view.names}
+
+
+def _page_triggers() -> set[str]:
+    """Trigger words the page itself writes (of presets and bundled style sets), not the user's own."""
+    out = set(defaults.STYLE_TRIGGERS.values())
+    for files in defaults.PRESET_FILES.values():
+        for name in files.values():
+            out.add(str(defaults.file_options(name).get("trigger_word") or ""))
+    return out - {""}
 
 
 def _same(value: Any) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from ...train import list_runs
-from .. import form
+from .. import defaults, form
 from ..context import AppContext
 from ..errors import UIError, guarded
 
@@ -80,7 +80,7 @@ class PreviewTab:
 
         base_choices, base_value = self.ctx.base_dropdown()
         choice = self.ctx.base_choice(base_value)
-        size = form.base_defaults(choice.resolution or 512, choice.family) if choice else form.base_defaults(512)
+        start = defaults.page_defaults(choice)
         with gr.Tab("Preview", id="preview", elem_id="tab-preview") as self.tab:
             with gr.Row():
                 with gr.Column(scale=2):
@@ -94,14 +94,15 @@ class PreviewTab:
                     self.weights = gr.Dataframe(headers=["LoRA", "weight"], value=[], type="array",
                                                 datatype=["str", "number"], static_columns=[0],
                                                 label="Weight of each LoRA", elem_id="pv-weights", interactive=True)
-                    self.prompt = gr.Textbox(value="a house by a lake", label="Prompt", lines=2, elem_id="pv-prompt")
+                    self.prompt = gr.Textbox(value=start["prompt"], label="Prompt", lines=2, elem_id="pv-prompt",
+                                             info="With the LoRA's trigger word, as it was trained.")
                     self.negative = gr.Textbox(value="", label="Negative prompt", elem_id="pv-negative")
                     with gr.Row():
                         self.seed = gr.Number(value=0, precision=0, label="Seed", elem_id="pv-seed")
                         self.steps = gr.Number(value=20, precision=0, label="Steps", elem_id="pv-steps")
-                        self.width = gr.Number(value=size["width"], precision=0, step=8, label="Width",
+                        self.width = gr.Number(value=start["width"], precision=0, step=8, label="Width",
                                                elem_id="pv-width")
-                        self.height = gr.Number(value=size["height"], precision=0, step=8, label="Height",
+                        self.height = gr.Number(value=start["height"], precision=0, step=8, label="Height",
                                                 elem_id="pv-height")
                     with gr.Row():
                         self.guidance = gr.Number(value=7.0, step=0.5, label="Guidance", elem_id="pv-guidance")
@@ -136,7 +137,8 @@ class PreviewTab:
         for changed in (self.runs.change, self.files.change):
             changed(self.lora_table, inputs=[self.runs, self.files, self.weights], outputs=self.weights,
                     api_visibility="private", show_progress="hidden")
-        self.runs.input(self.base_for_runs, inputs=[self.runs, self.base], outputs=[self.base, self.width, self.height],
+        self.runs.input(self.base_for_runs, inputs=[self.runs, self.base, self.prompt],
+                        outputs=[self.base, self.width, self.height, self.prompt],
                         api_visibility="private", show_progress="hidden")
         self.base.input(self.size_for_base, inputs=self.base, outputs=[self.width, self.height],
                         api_visibility="private", show_progress="hidden")
@@ -149,8 +151,9 @@ class PreviewTab:
                                outputs=[self.img_base, self.img_lora], api_name="compare", concurrency_id="preview")
         self.grid_btn.click(self.scale_grid, inputs_kwargs=dict(gen, scales=self.grid_scales), outputs=self.grid_image,
                             api_name="scale_grid", concurrency_id="preview")
-        self.tab.select(self.refresh_runs, inputs=None, outputs=self.runs, api_visibility="private",
-                        show_progress="hidden")
+        self.tab.select(self.open_tab, inputs=[self.runs, self.files, self.base, self.prompt],
+                        outputs=[self.runs, self.base, self.width, self.height, self.prompt],
+                        api_visibility="private", show_progress="hidden")
 
     @property
     def load_outputs(self) -> list[gr.components.Component]:
@@ -167,6 +170,16 @@ class PreviewTab:
     def refresh_runs(self) -> dict:
         """The runs with a finished LoRA (opening the tab shows runs that finished meanwhile)."""
         return {self.runs: gr.update(choices=self._lora_runs())}
+
+    def open_tab(self, lora_runs: list[str] | None, lora_files: list[str] | None, base: str | None,
+                 prompt: str | None = ""):
+        """Opening the tab: the runs that have a LoRA now; with no LoRA chosen yet, the newest run's
+        LoRA is chosen, with the base it was trained on and a prompt in its trigger word."""
+        names = self._lora_runs()
+        if lora_runs or lora_files or not names:
+            return {self.runs: gr.update(choices=names)}
+        return {self.runs: gr.update(choices=names, value=[names[0]]),
+                **self.base_for_runs([names[0]], base, prompt)}
 
     def _loras(self, lora_runs: list[str] | None, lora_files: list[str] | None,
                weights: Any) -> list[tuple[str, float]]:
@@ -255,15 +268,22 @@ class PreviewTab:
         size = form.base_defaults(choice.resolution, choice.family)
         return {self.width: size["width"], self.height: size["height"]}
 
-    def base_for_runs(self, lora_runs: list[str] | None, base: str):
-        """Picking a run's LoRA selects the base model it was trained on (when listed), at its size."""
+    def base_for_runs(self, lora_runs: list[str] | None, base: str | None, prompt: str | None = None):
+        """Picking a run's LoRA selects the base model it was trained on (when listed), at its size, and
+        (unless the user wrote a prompt of their own) a prompt for that base in the run's trigger word
+        and caption template."""
         values = [m.value for m in self.ctx.base_models()]
         for name in lora_runs or []:
             try:
-                spec = self.ctx.existing_run(name).load_config().pretrained_model_name_or_path
+                cfg = self.ctx.existing_run(name).load_config()
             except Exception:  # noqa: BLE001 - a run without a readable config keeps the current base
                 continue
+            spec = cfg.pretrained_model_name_or_path
             for v in (spec, str(Path(spec).resolve()) if spec not in ("demo", "tiny") else spec):
                 if v in values:
-                    return {self.base: v, **self.size_for_base(v)}
+                    out = {self.base: v, **self.size_for_base(v)}
+                    if prompt is not None and defaults.is_default_prompt(prompt):
+                        out[self.prompt] = defaults.preview_prompt(self.ctx.base_choice(v), cfg.trigger_word,
+                                                                   cfg.caption_template)
+                    return out
         return {}

@@ -12,7 +12,7 @@ import gradio as gr
 from ...paths import safe_name
 from ...train import TrainConfig, active_run, prepare_run, start_run, stop_run
 from .. import datasets as ds
-from .. import form, runview
+from .. import defaults, form, runview
 from ..context import AppContext
 from ..errors import UIError, esc, guarded, log
 
@@ -20,12 +20,10 @@ if TYPE_CHECKING:
     from .dataset import DatasetTab
     from .preview import PreviewTab
 
-#: Form fields that follow the chosen base model: its native size...
+#: Form fields that follow the chosen base model even with the "Custom" preset: its native size and
+#: its family's learning rates (each only while it holds the value the page set, so the user's own stays).
 RESOLUTION_FIELDS = ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
-#: ... and its family's learning rates (changed only while they hold some family's defaults, so a
-#: rate the user typed in stays).
 RATE_FIELDS = ("learning_rate", "text_encoder_lr")
-FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 @dataclass(frozen=True)
@@ -50,16 +48,17 @@ class TrainTab:
     def layout(self) -> None:
         ctx = self.ctx
         base_choices, base_value = ctx.base_dropdown()
-        choice = ctx.base_choice(base_value)
-        base_values = form.base_defaults(choice.resolution or 512, choice.family) if choice else form.base_defaults(512)
+        start = defaults.page_defaults(ctx.base_choice(base_value))
         datasets = ds.list_datasets(ctx.runs_dir)
         with gr.Tab("Train", id="train", elem_id="tab-train"):
             with gr.Row():
                 self.base = gr.Dropdown(choices=base_choices, value=base_value, label="Base model",
                                         info=f"Bundled demo model and what is in {ctx.models_dir}.",
                                         elem_id="tr-base", scale=3, allow_custom_value=True)
-                self.preset = gr.Radio(choices=form.available_presets(), value="custom", label="Preset",
-                                       elem_id="tr-preset", scale=3)
+                self.preset = gr.Radio(choices=form.available_presets(), value=defaults.DEFAULT_PRESET,
+                                       label="Preset", elem_id="tr-preset", scale=3,
+                                       info="Style: the values that show a style on the chosen base model "
+                                            "(they follow the base; values you change stay).")
             with gr.Row():
                 self.run_name = gr.Textbox(value="my-style", label="Run name (output_name)",
                                            info="The run folder and the name of the exported file.",
@@ -81,9 +80,8 @@ class TrainTab:
                         with gr.Row():
                             for info in infos[i:i + 4]:
                                 self.cfg[info["name"]] = form.make_component(info)
-            for k in (*RESOLUTION_FIELDS, *RATE_FIELDS):
-                if k in self.cfg:
-                    self.cfg[k].value = base_values[k]
+            for k, component in self.cfg.items():
+                component.value = start[k]
             with gr.Row():
                 self.start = gr.Button("Start training", variant="primary", elem_id="tr-start")
                 self.stop = gr.Button("Stop", variant="stop", elem_id="tr-stop")
@@ -106,17 +104,23 @@ class TrainTab:
                                         column_widths=["18%", "10%", "10%", "47%", "15%"])
         self.timer = gr.Timer(1.0)
         self.poll_state = gr.State(None)
+        #: The values the page set last (form fields, trigger word, preview prompt): a field still
+        #: holding its value follows the next base or preset, a field the user changed stays.
+        self.applied = gr.State(start)
 
     # ---- events ---------------------------------------------------------------------------------
     def wire(self, dataset: DatasetTab, preview: PreviewTab) -> None:
         self.preview_tab = preview
+        self.dataset_tab = dataset
         gr.api(self.run_status, api_name="run_status")
-        self.preset.input(self.apply_preset, inputs=self.preset, outputs=list(self.cfg.values()),
+        follow_outputs = [*self.cfg.values(), dataset.trigger, preview.prompt, preview.width, preview.height,
+                          self.applied]
+        follow_inputs = dict(base=self.base, preset=self.preset, applied=self.applied, trigger_word=dataset.trigger,
+                             prompt=preview.prompt, **self.cfg)
+        self.preset.input(self.apply_preset, inputs_kwargs=follow_inputs, outputs=follow_outputs,
                           api_visibility="private")
-        self.base.input(self.base_changed,
-                        inputs_kwargs=dict(base=self.base, **{k: self.cfg[k] for k in RATE_FIELDS if k in self.cfg}),
-                        outputs=[*(self.cfg[k] for k in (*RESOLUTION_FIELDS, *RATE_FIELDS) if k in self.cfg),
-                                 preview.width, preview.height], api_visibility="private")
+        self.base.input(self.base_changed, inputs_kwargs=follow_inputs, outputs=follow_outputs,
+                        api_visibility="private")
         self.start.click(self.start_training,
                          inputs_kwargs=dict(pretrained_model_name_or_path=self.base, output_name=self.run_name,
                                             dataset=self.dataset, trigger_word=dataset.trigger, **self.cfg),
@@ -302,29 +306,43 @@ class TrainTab:
         row = evt.row_value or []
         return {self.watch: row[0]} if row else {}
 
-    @guarded
-    def apply_preset(self, preset: str):
-        """A preset fills the training options it sets (paths, names and the resolution stay)."""
-        values = form.preset_values(preset)
-        return {self.cfg[name]: gr.update(value=value) for name, value in values.items() if name in self.cfg}
+    def _follow(self, values: dict[str, Any], changes: dict[str, Any], applied: dict[str, Any]) -> dict:
+        """Updates for the changed values (form fields, trigger word, preview prompt and size) and the
+        new record of what the page set."""
+        targets = {**self.cfg, "trigger_word": self.dataset_tab.trigger, "prompt": self.preview_tab.prompt,
+                   "width": self.preview_tab.width, "height": self.preview_tab.height}
+        out: dict = {targets[k]: gr.update(value=v) for k, v in changes.items() if k in targets}
+        out[self.applied] = dict(applied, **values)
+        return out
 
     @guarded
-    def base_changed(self, base: str, **rates: Any):
-        """A new base model sets the resolution, bucket limits and preview size to its native size, and
-        the learning rates to its family's (SDXL trains its text encoders far slower) unless the user
-        typed in rates of their own."""
+    def apply_preset(self, base: str | None = None, preset: str = "custom", applied: dict | None = None,
+                     trigger_word: str = "", prompt: str = "", **current: Any):
+        """A preset fills the training options it sets, for the chosen base model (paths, names and the
+        seed stay; the size follows the base). "Custom" changes nothing."""
+        if preset not in defaults.PRESET_FILES:
+            return {}
+        choice = self.ctx.base_choice(base)
+        new = defaults.page_defaults(choice, preset)
+        changes = {k: v for k, v in new.items() if k in self.cfg and not defaults.same_value(current.get(k), v)}
+        # The trigger word and the preview prompt change only while they hold what the page wrote.
+        state = {**current, "trigger_word": trigger_word, "prompt": prompt}
+        changes.update(defaults.follow_base(state, applied, new, keys=("trigger_word", "prompt")))
+        return self._follow(new, changes, applied or {})
+
+    @guarded
+    def base_changed(self, base: str | None = None, preset: str = "custom", applied: dict | None = None,
+                     trigger_word: str = "", prompt: str = "", **current: Any):
+        """A new base model brings its defaults: with a preset, the preset's values for that base (the
+        demo model's style config, SDXL's or SD's); always its native size, its family's learning rates
+        and a preview prompt and size that suit it. Values the user changed stay."""
         choice = self.ctx.base_choice(base)
         if choice is None or not choice.resolution:
             return {}
-        values = form.base_defaults(choice.resolution, choice.family)
-        out = {self.cfg[k]: gr.update(value=values[k]) for k in RESOLUTION_FIELDS if k in self.cfg}
-        untouched = {tuple(form.base_defaults(512, f)[k] for k in RATE_FIELDS) for f in FAMILIES}
-        try:
-            current = tuple(float(rates[k]) for k in RATE_FIELDS)
-        except (KeyError, TypeError, ValueError):
-            current = None
-        if current in untouched:
-            out.update({self.cfg[k]: gr.update(value=values[k]) for k in RATE_FIELDS if k in self.cfg})
-        out.update({self.preview_tab.width: gr.update(value=values["width"]),
-                    self.preview_tab.height: gr.update(value=values["height"])})
-        return out
+        new = defaults.page_defaults(choice, preset if preset in defaults.PRESET_FILES else "custom")
+        keys = None if preset in defaults.PRESET_FILES else {*RESOLUTION_FIELDS, *RATE_FIELDS, "trigger_word",
+                                                               "prompt"}
+        state = {**current, "trigger_word": trigger_word, "prompt": prompt}
+        changes = defaults.follow_base(state, applied, new, keys=keys)
+        changes.update(width=new["width"], height=new["height"])
+        return self._follow(new, changes, applied or {})
