@@ -175,12 +175,13 @@ def _start(client, tiny_spec, name, dataset, **overrides):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (dict(network_dim=0), ["network_dim", "out of range"]),
-    (dict(learning_rate=-1.0), ["learning_rate", "out of range"]),
-    (dict(resolution=100), ["resolution", "multiple of 8"]),
-    (dict(max_train_steps=2.5), ["max_train_steps", "whole number"]),
-    (dict(output_name="bad name!"), ["output_name"]),
-    (dict(with_prior_preservation=True, class_prompt=""), ["class_prompt", "required"]),
+    (dict(network_dim=0), ["Rank", "out of range", "1 to 1,024"]),
+    (dict(learning_rate=-1.0), ["Learning rate", "out of range"]),
+    (dict(resolution=100), ["Resolution", "multiple of 8"]),
+    (dict(max_train_steps=2.5), ["Steps", "whole number"]),
+    (dict(max_train_steps=1e99), ["Steps", "out of range", "1 to 1,000,000"]),
+    (dict(output_name="bad name!"), ["Run name"]),
+    (dict(with_prior_preservation=True, class_prompt=""), ["Class prompt", "required"]),
 ])
 def test_invalid_settings_name_the_option(client, tiny_spec, app, tmp_path, overrides, words):
     name = overrides.pop("output_name", "invalid-run")
@@ -190,7 +191,8 @@ def test_invalid_settings_name_the_option(client, tiny_spec, app, tmp_path, over
         _start(client, tiny_spec, name, "valid-set", **overrides)
     msg = _message(e)
     assert all(w in msg for w in words), msg
-    assert "Traceback" not in msg
+    assert "Traceback" not in msg and str(app.runs_dir) not in msg
+    assert not {"max_train_steps", "learning_rate", "output_name", "class_prompt"} & set(msg.replace(":", " ").split())
     assert not (app.runs_dir / "invalid-run").exists()
 
 

@@ -344,6 +344,28 @@ def test_export_offers_the_runs_checkpoints_and_refuses_others(tmp_path):
         app.export.export_lora("r", "kohya", "final", 0)
 
 
+def test_every_number_of_the_page_has_a_range(tmp_path):
+    app, page = _page(tmp_path / "runs", tmp_path / "models")
+    numbers = {eid: props for eid, (kind, props, _) in page.items() if kind == "number"}
+    assert {"cfg-max_train_steps", "cfg-learning_rate", "pv-seed", "pv-steps", "ex-rank"} <= set(numbers)
+    for eid, props in numbers.items():
+        assert props.get("maximum") is not None, eid
+        assert props.get("minimum") is not None or eid in ("cfg-network_alpha", "cfg-conv_alpha"), eid
+    info = {f["name"]: f for f in TrainConfig.field_info()}
+    assert numbers["cfg-max_train_steps"]["maximum"] == info["max_train_steps"]["max"]  # the config's own bound
+    assert "1 to 1,000,000" in numbers["cfg-max_train_steps"]["info"]
+    # Out of range, typed in or sent through the API: the message names the field's label.
+    with pytest.raises(ConfigError, match="out of range; use 1 to 1,000,000"):
+        form.settings_from_form({"max_train_steps": 1e99})
+    steps = next(c for c in app.train.cfg.values() if c.elem_id == "cfg-max_train_steps")
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="Steps: 1e\\+99 is out of range"):
+        steps.preprocess(1e99)
+    with pytest.raises(UIError, match="Seed: -1 is out of range; use 0 to"):
+        form.parse_int(-1, "Seed", 0, form.MAX_SEED)
+
+
 def test_form_values_become_config_values():
     out = form.settings_from_form({"max_train_steps": 12.0, "learning_rate": "0.001", "train_text_encoder": False,
                                    "sample_prompts": "a cat\n\n a dog "})
@@ -385,7 +407,9 @@ def test_style_preset_follows_the_base_and_leaves_paths_and_seed(tmp_path):
 
 def test_error_messages_name_the_setting():
     title, text = message_for(ConfigError("network_dim", "0 is out of range; must be >= 1"))
-    assert title == "Invalid setting" and "network_dim" in text and "out of range" in text
+    assert title == "Invalid setting" and text.startswith("Rank (network_dim): ") and "out of range" in text
+    title, text = message_for(ConfigError("min_bucket_reso", "512 is larger than max_bucket_reso 256"))
+    assert text == "Smallest bucket side: 512 is larger than 'Largest bucket side' 256"
     title, text = message_for(RuntimeError("boom"))
     assert title == "Unexpected error" and "boom" in text and "Traceback" not in text
 

@@ -36,6 +36,13 @@ class AppContext:
         self.opts = opts
         self.runs_dir = Path(opts.runs_dir)
         self.models_dir = Path(opts.models_dir)
+        # Messages show names inside these folders, never where they are on the server.
+        from .datasets import datasets_root
+        from .errors import hide_folder
+
+        hide_folder(datasets_root(self.runs_dir), "dataset ")
+        hide_folder(self.runs_dir, "run ")
+        hide_folder(self.models_dir, f"{self.models_dir.name}/")
         self.train_lock = threading.Lock()
         self.preview_lock = threading.Lock()
         self._previewer: Any = None
@@ -78,8 +85,9 @@ class AppContext:
         the models folder can be loaded.
         """
         if not spec:
-            raise UIError("Choose a base model. Put model folders or .safetensors files into "
-                          f"{self.models_dir} and reload the page to see them.", title="Base model")
+            raise UIError("Choose a base model. Put model folders or .safetensors files into the app's models "
+                          f"folder ({self.models_dir.name}/, set by --models-dir) and reload the page to see them.",
+                          title="Base model")
         for m in self.base_models():
             if m.value == spec:
                 return spec
@@ -99,7 +107,7 @@ class AppContext:
 
         run = RunDir(self.run_path(name))
         if not run.exists():
-            raise UIError(f"There is no run named {name!r} in {self.runs_dir}.", title="Run")
+            raise UIError(f"There is no run named {name!r}; pick a run from the list.", title="Run")
         return run
 
     # ---- preview ---------------------------------------------------------------------------------

@@ -28,6 +28,29 @@ class UIError(Exception):
         super().__init__(message)
 
 
+#: Server folders and what messages call them instead (longest first), e.g. "<runs>/_datasets/x" -> "dataset x".
+_HIDDEN: list[tuple[str, str]] = []
+
+
+def hide_folder(folder: Any, name: str) -> None:
+    """Messages name paths inside ``folder`` as ``name`` + the path below it (no server paths in the page)."""
+    from pathlib import Path
+
+    for path in {str(Path(folder)), str(Path(folder).resolve())}:
+        entry = (path.rstrip("/") + "/", name)
+        if entry not in _HIDDEN:
+            _HIDDEN.append(entry)
+    _HIDDEN.sort(key=lambda e: len(e[0]), reverse=True)
+
+
+def without_server_paths(text: str) -> str:
+    from ..resources import PACKAGE_DIR
+
+    for path, name in [*_HIDDEN, (str(PACKAGE_DIR) + "/", "sdlora/")]:
+        text = text.replace(path, name)
+    return text
+
+
 def esc(text: Any) -> str:
     """HTML-escape text for gradio's message boxes and HTML components (they render HTML)."""
     return html.escape(str(text), quote=False)
@@ -52,7 +75,9 @@ def message_for(exc: BaseException) -> tuple[str, str]:
     for typ, title in _known_errors():
         if isinstance(exc, typ):
             if isinstance(exc, ConfigError):
-                return title, f"Setting '{exc.key}': {str(exc).split(': ', 1)[-1]}"
+                from .form import in_words, label
+
+                return title, f"{label(exc.key)}: {in_words(str(exc).split(': ', 1)[-1])}"
             if isinstance(exc, UIError):
                 return exc.title, str(exc)
             return title, str(exc)
@@ -68,6 +93,7 @@ def message_for(exc: BaseException) -> tuple[str, str]:
 
 def to_gr_error(exc: BaseException) -> gr.Error:
     title, text = message_for(exc)
+    text = without_server_paths(text)
     return gr.Error(esc(text), title=title, print_exception=False)
 
 

@@ -8,8 +8,10 @@ folders) are not free-text fields: the page picks them from lists the app contro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import types
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ from .errors import UIError
 PAGE_SET = ("pretrained_model_name_or_path", "output_name", "output_dir", "train_data_dir", "class_data_dir",
             "trigger_word")
 
-#: Friendlier labels for the main options; every field also shows its kohya name and help text.
+#: Labels of the options; options not listed get their name in words ("sample_every_n_steps" ->
+#: "Sample every N steps"). Errors name these labels, never the config keys.
 LABELS = {
     "max_train_steps": "Steps",
     "network_dim": "Rank (network_dim)",
@@ -36,6 +39,48 @@ LABELS = {
     "class_prompt": "Class prompt",
     "with_prior_preservation": "Prior preservation",
     "network_preset": "Layers (network_preset)",
+    "network_alpha": "Alpha (network_alpha)",
+    "conv_alpha": "Conv alpha (conv_alpha)",
+    "text_encoder_dim": "Text encoder rank",
+    "unet_lr": "UNet learning rate",
+    "text_encoder_2_lr": "Text encoder 2 learning rate (SDXL)",
+    "lr_scheduler": "Learning-rate schedule",
+    "lr_warmup_steps": "Warm-up steps",
+    "loraplus_lr_ratio": "LoRA+ learning-rate ratio",
+    "use_rslora": "rsLoRA scaling",
+    "min_snr_gamma": "Min-SNR gamma",
+    "max_grad_norm": "Gradient clipping norm",
+    "network_type": "Method (network_type)",
+    "min_bucket_reso": "Smallest bucket side",
+    "max_bucket_reso": "Largest bucket side",
+    "bucket_reso_steps": "Bucket step",
+    "bucket_no_upscale": "No upscaling into buckets",
+    "cache_latents_to_disk": "Keep the latent cache on disk",
+    "save_last_n_checkpoints": "Checkpoints kept",
+    "save_every_n_steps": "Checkpoint every N steps",
+    "sample_every_n_steps": "Sample every N steps",
+    "sample_steps": "Sampling steps of samples",
+    "sample_guidance": "Guidance of samples",
+    "log_with": "Also log to",
+    "output_name": "Run name",
+    "train_data_dir": "Dataset",
+    "pretrained_model_name_or_path": "Base model",
+    "trigger_word": "Trigger word",
+    "num_class_images": "Number of class images",
+    "flip_aug": "Flip augmentation",
+    "enable_bucket": "Aspect-ratio buckets",
+}
+
+#: Largest values of options whose config field has no maximum of its own: a sane range for the page
+#: (a value past it is almost surely a typo, e.g. a learning rate of 3 instead of 3e-3).
+UI_MAX: dict[str, float] = {
+    "seed": 2**32 - 1, "sample_seed": 2**32 - 1, "keep_tokens": 75, "bucket_reso_steps": 1024,
+    "num_class_images": 10_000, "prior_loss_weight": 100.0, "network_alpha": 4096.0, "conv_alpha": 4096.0,
+    "text_encoder_alpha": 4096.0, "loraplus_lr_ratio": 1000.0, "learning_rate": 1.0, "unet_lr": 1.0,
+    "text_encoder_lr": 1.0, "text_encoder_2_lr": 1.0, "weight_decay": 10.0, "lr_warmup_steps": 1_000_000,
+    "max_grad_norm": 1000.0, "min_snr_gamma": 100.0, "noise_offset": 1.0, "save_every_n_steps": 1_000_000,
+    "save_last_n_checkpoints": 1000, "sample_every_n_steps": 1_000_000, "sample_steps": 1000,
+    "sample_guidance": 50.0,
 }
 
 SECTION_TITLES = {
@@ -83,8 +128,64 @@ def advanced_fields() -> list[dict[str, Any]]:
     return [f for f in form_fields() if f["group"] != "main"]
 
 
+def label(name: str) -> str:
+    """The label a person sees for a config option."""
+    if name in LABELS:
+        return LABELS[name]
+    words = name.replace("_", " ").replace(" reso", " resolution").replace(" n ", " N ")
+    return words[:1].upper() + words[1:]
+
+
+def in_words(text: str) -> str:
+    """A message with the config keys it names replaced by their labels ("max_train_steps" -> "Steps")."""
+    import re
+
+    names = sorted((f.name for f in dataclasses.fields(TrainConfig)), key=len, reverse=True)
+    return re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: f"'{label(m.group(1))}'", text)
+
+
 def _label(info: dict[str, Any]) -> str:
-    return LABELS.get(info["name"], info["name"])
+    return label(info["name"])
+
+
+def bounds(info: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(smallest, largest) value of a numeric option: the config field's own, else the page's sane range."""
+    lo, hi = info.get("min"), info.get("max")
+    if hi is None:
+        hi = UI_MAX.get(info["name"])
+    return lo, hi
+
+
+def FieldNumber(**kwargs: Any) -> gr.Number:  # noqa: N802 - used like a component class
+    """A ``gr.Number`` whose out-of-range message names the field (gradio's own says "Value 7 is greater
+    than maximum value 5." without saying which field). A plain Number with its check replaced: a
+    subclass would make gradio write a .pyi file next to this module."""
+    number = gr.Number(**kwargs)
+    number.preprocess = types.MethodType(_checked_preprocess, number)  # type: ignore[method-assign]
+    return number
+
+
+def _checked_preprocess(self: gr.Number, payload: float | None) -> float | int | None:
+    if payload is not None and ((self.minimum is not None and payload < self.minimum)
+                                or (self.maximum is not None and payload > self.maximum)):
+        raise gr.Error(f"{self.label}: {payload:g} is out of range; use {_range(self.minimum, self.maximum)}.",
+                       title="Invalid value", print_exception=False)
+    return gr.Number.preprocess(self, payload)
+
+
+def _num(x: float) -> str:
+    """A bound as people write it: 1000000 -> "1,000,000", 0.003 -> "0.003"."""
+    if float(x).is_integer() and abs(x) < 1e15:
+        return f"{int(x):,}"
+    return f"{x:g}"
+
+
+def _range(lo: float | None, hi: float | None, exclusive: bool = False) -> str:
+    if exclusive and lo is not None:
+        return f"more than {_num(lo)}" + (f", up to {_num(hi)}" if hi is not None else "")
+    if lo is not None and hi is not None:
+        return f"{_num(lo)} to {_num(hi)}"
+    return f"at least {_num(lo)}" if lo is not None else f"at most {_num(hi)}"
 
 
 def display_value(info: dict[str, Any], value: Any) -> Any:
@@ -107,10 +208,11 @@ def make_component(info: dict[str, Any]) -> gr.components.Component:
         choices = [(c if c else "(none)", c) for c in info["choices"]]
         return gr.Dropdown(choices=choices, value=default, allow_custom_value=True, **common)
     if typ in ("int", "float"):
-        # No minimum/maximum on the component: the config's check names the option and the range.
-        if typ == "int":
-            return gr.Number(value=default, step=1, **common)
-        return gr.Number(value=default, step=_float_step(default), **common)
+        lo, hi = bounds(info)
+        if info.get("min_exclusive"):
+            lo = None  # "> 0": the config's own check says so
+        step = 1 if typ == "int" else _float_step(default)
+        return FieldNumber(value=default, step=step, minimum=lo, maximum=hi, **common)
     if typ == "list":
         return gr.Textbox(value=display_value(info, default), lines=2, max_lines=8,
                           placeholder="one a line", **common)
@@ -118,14 +220,10 @@ def make_component(info: dict[str, Any]) -> gr.components.Component:
 
 
 def _range_text(info: dict[str, Any]) -> str:
-    lo, hi = info.get("min"), info.get("max")
+    lo, hi = bounds(info)
     if info["type"] not in ("int", "float") or (lo is None and hi is None):
         return ""
-    if lo is not None and hi is not None:
-        return f" ({lo:g} to {hi:g})"
-    if lo is not None:
-        return f" (> {lo:g})" if info.get("min_exclusive") else f" (>= {lo:g})"
-    return f" (<= {hi:g})"
+    return f" ({_range(lo, hi, bool(info.get('min_exclusive')))})"
 
 
 def _float_step(default: float) -> float:
@@ -146,8 +244,15 @@ def parse_value(info: dict[str, Any], value: Any) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(name, f"{value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(name, f"{value!r} is not a finite number")
+        lo, hi = bounds(info)
+        if (lo is not None and (number < lo or (info.get("min_exclusive") and number <= lo))) or (
+                hi is not None and number > hi):
+            raise ConfigError(name, f"{number:g} is out of range; use "
+                                    f"{_range(lo, hi, bool(info.get('min_exclusive')))}")
         if typ == "int":
-            if not math.isfinite(number) or number != int(number):
+            if number != int(number):
                 raise ConfigError(name, f"{value!r} is not a whole number")
             return int(number)
         return number
@@ -209,6 +314,11 @@ def available_presets() -> list[tuple[str, str]]:
 
 # ---- values typed into the other tabs ---------------------------------------------------------------
 DEFAULT_GRID = "0, 0.25, 0.5, 0.75, 1, 1.25"
+MAX_SEED = 2**32 - 1
+MAX_PREVIEW_STEPS = 150
+MAX_PREVIEW_SIZE = 2048
+#: Largest rank of an export (the config's own largest network_dim).
+MAX_RANK = 1024
 
 
 def parse_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
@@ -216,13 +326,12 @@ def parse_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise UIError(f"{name} ({value!r}) is not a number.", title="Invalid value") from None
-    if number != number or number != int(number):
-        raise UIError(f"{name} ({value!r}) is not a whole number.", title="Invalid value")
+        raise UIError(f"{name}: {value!r} is not a number.", title="Invalid value") from None
+    if not math.isfinite(number) or number != int(number):
+        raise UIError(f"{name}: {value!r} is not a whole number.", title="Invalid value")
     n = int(number)
     if n < lo or (hi is not None and n > hi):
-        raise UIError(f"{name} {n} is out of range ({lo} to {hi if hi is not None else 'any'}).",
-                      title="Invalid value")
+        raise UIError(f"{name}: {n} is out of range; use {_range(lo, hi)}.", title="Invalid value")
     return n
 
 
@@ -231,9 +340,9 @@ def parse_float(value: Any, name: str, lo: float, hi: float, title: str = "Inval
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise UIError(f"{name} ({value!r}) is not a number.", title=title) from None
+        raise UIError(f"{name}: {value!r} is not a number.", title=title) from None
     if not lo <= number <= hi:
-        raise UIError(f"{name} {number:g} is outside {lo:g} to {hi:g}.", title=title)
+        raise UIError(f"{name}: {number:g} is out of range; use {_range(lo, hi)}.", title=title)
     return number
 
 

@@ -54,8 +54,9 @@ class ExportTab:
             with gr.Row():
                 self.step = gr.Dropdown(choices=[("final LoRA", FINAL)], value=FINAL,
                                         label="Final LoRA or a checkpoint", elem_id="ex-step", allow_custom_value=True)
-                self.rank = gr.Number(value=0, precision=0, label="Rank (0 = as trained)",
-                                      info="A lower rank is made by SVD of each module's update.", elem_id="ex-rank")
+                self.rank = form.FieldNumber(value=0, step=1, minimum=0, maximum=form.MAX_RANK,
+                                             label="Rank (0 = as trained)",
+                                             info="A lower rank is made by SVD of each module's update.", elem_id="ex-rank")
             self.export_btn = gr.Button("Export", variant="primary", elem_id="ex-export")
             self.file = gr.File(label="Download", interactive=False, elem_id="ex-file")
             self.where = gr.Markdown(where_to_put(None), elem_id="ex-where")
@@ -122,7 +123,7 @@ class ExportTab:
         r = self.ctx.existing_run(run)
         if fmt not in ("kohya", "diffusers"):
             raise UIError(f"Unknown format {fmt!r}; choose kohya or diffusers.", title="Export")
-        rank_i = form.parse_int(rank or 0, "rank", 0)
+        rank_i = form.parse_int(rank or 0, "Rank", 0, form.MAX_RANK)
         step = None
         if checkpoint and checkpoint != FINAL:
             steps = export_steps(r)

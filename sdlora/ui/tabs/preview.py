@@ -98,14 +98,18 @@ class PreviewTab:
                                              info="With the LoRA's trigger word, as it was trained.")
                     self.negative = gr.Textbox(value="", label="Negative prompt", elem_id="pv-negative")
                     with gr.Row():
-                        self.seed = gr.Number(value=0, precision=0, label="Seed", elem_id="pv-seed")
-                        self.steps = gr.Number(value=20, precision=0, label="Steps", elem_id="pv-steps")
-                        self.width = gr.Number(value=start["width"], precision=0, step=8, label="Width",
-                                               elem_id="pv-width")
-                        self.height = gr.Number(value=start["height"], precision=0, step=8, label="Height",
-                                                elem_id="pv-height")
+                        self.seed = form.FieldNumber(value=0, step=1, minimum=0, maximum=form.MAX_SEED,
+                                                     label="Seed", elem_id="pv-seed")
+                        self.steps = form.FieldNumber(value=20, step=1, minimum=1, maximum=form.MAX_PREVIEW_STEPS,
+                                                      label="Steps", elem_id="pv-steps")
+                        self.width = form.FieldNumber(value=start["width"], step=8, minimum=64,
+                                                      maximum=form.MAX_PREVIEW_SIZE, label="Width", elem_id="pv-width")
+                        self.height = form.FieldNumber(value=start["height"], step=8, minimum=64,
+                                                       maximum=form.MAX_PREVIEW_SIZE, label="Height",
+                                                       elem_id="pv-height")
                     with gr.Row():
-                        self.guidance = gr.Number(value=7.0, step=0.5, label="Guidance", elem_id="pv-guidance")
+                        self.guidance = form.FieldNumber(value=7.0, step=0.5, minimum=0, maximum=30, label="Guidance",
+                                                         elem_id="pv-guidance")
                         self.sampler = gr.Dropdown(choices=scheduler_names(), value=DEFAULT_SCHEDULER, label="Sampler",
                                                    elem_id="pv-sampler", allow_custom_value=True)
                 with gr.Column(scale=3):
@@ -210,13 +214,14 @@ class PreviewTab:
                           title="Sampler")
         # Lists for both: the pipeline wants the negative prompt of the same type as the prompt.
         kwargs = dict(prompt=[f.prompt], negative_prompt=[f.negative_prompt or ""],
-                      seed=form.parse_int(f.seed, "seed", 0), steps=form.parse_int(f.steps, "steps", 1, 150),
-                      width=form.parse_int(f.width, "width", 64, 2048),
-                      height=form.parse_int(f.height, "height", 64, 2048),
+                      seed=form.parse_int(f.seed, "Seed", 0, form.MAX_SEED),
+                      steps=form.parse_int(f.steps, "Steps", 1, form.MAX_PREVIEW_STEPS),
+                      width=form.parse_int(f.width, "Width", 64, form.MAX_PREVIEW_SIZE),
+                      height=form.parse_int(f.height, "Height", 64, form.MAX_PREVIEW_SIZE),
                       guidance=form.parse_float(f.guidance, "Guidance", 0, 30), scheduler=f.sampler)
         for k in ("width", "height"):
             if kwargs[k] % 8:
-                raise UIError(f"{k} {kwargs[k]} is not a multiple of 8.", title="Size")
+                raise UIError(f"{k.title()}: {kwargs[k]} is not a multiple of 8.", title="Size")
         loras = self._loras(f.lora_runs, f.lora_files, f.lora_weights)
         return Generation(self.ctx.check_base(f.base_model), loras, kwargs)
 

@@ -53,7 +53,8 @@ class TrainTab:
         with gr.Tab("Train", id="train", elem_id="tab-train"):
             with gr.Row():
                 self.base = gr.Dropdown(choices=base_choices, value=base_value, label="Base model",
-                                        info=f"Bundled demo model and what is in {ctx.models_dir}.",
+                                        info=f"The bundled demo model and the models in the app's models folder "
+                                             f"({ctx.models_dir.name}/).",
                                         elem_id="tr-base", scale=3, allow_custom_value=True)
                 self.preset = gr.Radio(choices=form.available_presets(), value=defaults.DEFAULT_PRESET,
                                        label="Preset", elem_id="tr-preset", scale=3,
