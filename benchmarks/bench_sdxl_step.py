@@ -30,19 +30,28 @@ under accelerate's autocast, ``accelerator.backward``, gradient clipping and the
   full = ``--network_args conv_dim=16 conv_alpha=16``), run right after sdlora's timings, one
   process at a time, with the load of the machine recorded; its step time is read from its
   progress bar. Then the sdlora/kohya ratios, and both peak memories: kohya's from
-  ``/usr/bin/time -v`` (maximum resident set size) at 1024 px with ``--gradient_checkpointing``.
-  Without ``--peers`` no cross-trainer ratio is printed.
+  ``/usr/bin/time -v`` (maximum resident set size) at 1024 px with ``--gradient_checkpointing``,
+  run after sdlora's peak-RSS process. Without ``--peers`` no cross-trainer ratio is printed.
 
-Memory: the SDXL UNet alone is 10.3 GB in fp32 and a training process needs 14-20 GB, so the
-benchmark never runs two SDXL processes at once, checks ``MemAvailable`` before each one and
-skips it (saying so) where it would not fit, and ends a subprocess that brings ``MemAvailable``
-under 1 GiB.
+Order of a run: sdlora's timings (one subprocess), kohya's timing runs, sdlora's peak-RSS
+process, kohya's 1024 px run; never two SDXL processes at once.
+
+Memory: the SDXL UNet alone is 10.3 GB in fp32. Without gradient checkpointing a 512 px fp32 step
+peaks at about 20 GB (sdlora's timing process, UNet only), and kohya, which also holds both text
+encoders and the VAE, would need about 23 GB; on a 24 GB machine compare with
+``--gradient-checkpointing`` (both trainers). The benchmark checks ``MemAvailable`` before each
+SDXL process and skips it (saying so) where it would not fit, and ends a subprocess (its whole
+process group) that brings ``MemAvailable`` under 1 GiB.
 
 Peer setup (once; nothing of kohya's is part of this project)::
 
-    # kohya's source as a plain folder, e.g. from a git checkout or archive of kohya-ss/sd-scripts
-    mkdir -p /tmp/peers/sd-scripts && git -C SD_SCRIPTS_CHECKOUT archive HEAD | tar -x -C /tmp/peers/sd-scripts
-    python benchmarks/bench_sdxl_step.py setup --peers /tmp/peers
+    # kohya's source as a plain folder (measured with kohya-ss/sd-scripts at 48d368f, Feb 2026):
+    mkdir -p /tmp/peers/sd-scripts && git --git-dir=SD_SCRIPTS.git archive HEAD | tar -x -C /tmp/peers/sd-scripts
+    python benchmarks/bench_sdxl_step.py setup --peers /tmp/peers    # about 10 minutes
+
+(A mirror without the large files, e.g. the Windows bitsandbytes DLLs, makes ``git archive`` stop
+at them; writing the tree blob by blob with ``git cat-file blob`` and skipping the missing ones
+gives a folder that runs: kohya needs none of them on Linux.)
 
 ``setup`` makes, under DIR (each step skipped when its result exists):
 
@@ -61,9 +70,10 @@ Peer setup (once; nothing of kohya's is part of this project)::
 
 Usage::
 
-    python benchmarks/bench_sdxl_step.py                              # sdlora only
-    python benchmarks/bench_sdxl_step.py --steps 2 --peers /tmp/peers # and kohya, back to back
-    python benchmarks/bench_sdxl_step.py --steps 2 --presets attn-mlp --skip-rss
+    python benchmarks/bench_sdxl_step.py --gradient-checkpointing                  # sdlora only
+    python benchmarks/bench_sdxl_step.py --steps 1 --rss-steps 1 --gradient-checkpointing \
+        --peers /tmp/peers --json sdxl.json                                      # and kohya, ~70 min loaded
+    python benchmarks/bench_sdxl_step.py --steps 2 --presets attn-mlp --skip-rss   # no checkpointing, ~20 GB
 
 OpenMP settings as in ``bench_train_step.py`` (``GOMP_SPINCOUNT=1000`` unless set); kohya runs
 with the same OpenMP environment and thread count.
@@ -110,12 +120,14 @@ MIN_AVAILABLE_GB = 1.0
 
 
 def need_gb(size: int, *, gradient_checkpointing: bool, full: bool) -> float:
-    """Rough peak memory (GB) of one fp32 SDXL training process at ``size`` px, batch 1: the UNet
-    (10.3 GB), activations (measured here: 9.5 GB at 512 px without checkpointing), and with
-    ``full`` both text encoders and the VAE (3.6 GB) and the VAE's encoding of the image."""
+    """Rough peak memory (GB) of one fp32 SDXL training process at ``size`` px, batch 1, for the
+    check before it starts (the memory watch is what protects the machine): the UNet (10.3 GB),
+    activations (at 512 px about 9.5 GB without checkpointing, 1-1.5 GB with it: kohya peaked at
+    15.5 GB holding 13.9 GB of weights), and with ``full`` both text encoders and the VAE (3.6 GB);
+    the VAE's encoding of the image comes before the step and needs less than the step."""
     scale = (size / 512) ** 2
-    activations = (1.5 if gradient_checkpointing else 9.5) * scale
-    return 10.3 + activations + (3.6 + 0.5 * scale if full else 0.0)
+    activations = (1.0 if gradient_checkpointing else 9.5) * scale
+    return 10.3 + activations + (3.6 if full else 0.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -258,6 +270,14 @@ class Watched:
 
     def output(self, last: int = 40) -> str:
         return "\n".join(t for _, t in self.segments[-last:])
+
+    def own_cpu_between(self, a: float, b: float) -> float | None:
+        """CPU seconds of this process tree between monotonic times a and b (0.5 s samples)."""
+        if len(self.samples) < 2 or b <= a:
+            return None
+        ca = min(self.samples, key=lambda s: abs(s[0] - a))[2]
+        cb = min(self.samples, key=lambda s: abs(s[0] - b))[2]
+        return cb - ca
 
     def others_between(self, a: float, b: float) -> float | None:
         """Cores used by processes outside this tree between monotonic times a and b."""
@@ -491,9 +511,11 @@ def child_rss(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     t = time.perf_counter()
+    print("building the models and encoding the caption and the image", flush=True)
     models = Models(spec["size"], full=True)
     built = time.perf_counter() - t
     after_build = peak_rss_mb()
+    print(f"built and encoded in {built:.0f} s, peak RSS so far {after_build / 1024:.2f} GiB; training", flush=True)
     cfg = train_config(spec["preset"], spec["rank"], PRECISION_NAMES[spec["precision"]], gradient_checkpointing=True)
     trainer = Trainer(models, cfg, speed=spec["mode"] != "plain", memory=spec["mode"])
     times = [timed(trainer.step) for _ in range(spec["steps"])]
@@ -513,12 +535,15 @@ def run_child(spec: dict, timeout: float = 7200, echo: bool = False) -> dict:
     w = Watched(cmd, on_segment=show)
     rc = w.wait(timeout)
     lines = [t for _, t in w.segments if t.startswith("{")]
+    peak = max((s[3] for s in w.samples), default=float("nan"))
     if w.killed_for_memory:
-        return {"error": f"ended: MemAvailable fell under {MIN_AVAILABLE_GB} GiB"}
+        stage = w.output(3).strip().splitlines()[-1] if w.segments else "building the models"
+        return {"error": f"ended: MemAvailable fell under {MIN_AVAILABLE_GB} GiB (process RSS up to {peak:.1f} GB; "
+                         f"last said: {stage})"}
     if rc != 0 or not lines:
         return {"error": f"subprocess failed ({rc}): {w.output(15)[-2000:]}"}
     out = json.loads(lines[-1])
-    out["tree_rss_peak_gb"] = max((s[3] for s in w.samples), default=float("nan"))
+    out["tree_rss_peak_gb"] = peak
     return out
 
 
@@ -595,7 +620,7 @@ def run_kohya(peers: Path, name: str, size: int, steps: int, preset: str, rank: 
     for n in sorted(first_seen):
         if n >= 1 and n - 1 in first_seen:
             a, b = first_seen[n - 1], first_seen[n]
-            rows.append({"step": n, "wall": b - a, "others": w.others_between(a, b)})
+            rows.append({"step": n, "wall": b - a, "cpu": w.own_cpu_between(a, b), "others": w.others_between(a, b)})
     result["steps"] = rows
     result["start_s"] = first_seen[0] - t0 if 0 in first_seen else None
     return result
@@ -775,7 +800,9 @@ def main(argv: list[str] | None = None) -> int:
     skipped = []
     gc_text = "gradient checkpointing" if args.gradient_checkpointing else "no gradient checkpointing"
     note = _check_memory("sdlora timings", args.size, gradient_checkpointing=args.gradient_checkpointing, full=False)
-    if note:
+    if not presets:
+        timing = {"results": []}
+    elif note:
         print("  " + note, flush=True)
         skipped.append(note)
         timing = {"results": []}
@@ -840,15 +867,18 @@ def main(argv: list[str] | None = None) -> int:
         timed_rows = [s for s in k["steps"] if s["step"] >= 2] or k["steps"]
         walls = [s["wall"] for s in timed_rows]
         others = [s["others"] for s in timed_rows if s["others"] is not None]
+        cpus = [s["cpu"] for s in timed_rows if s.get("cpu") is not None]
+        k["cpu_median_s"] = _median(cpus) if cpus else None
         k["median_s"] = _median(walls) if walls else None
         k["others_cores_median"] = _median(others) if others else None
         status = k.get("error", "done")
         print(f"    {status}: steps " + ", ".join(f"{x:.1f}" for x in walls)
-              + (f" s (median {k['median_s']:.2f} s; others used {k['others_cores_median'] or 0:.1f} cores)"
+              + (f" s (median {k['median_s']:.2f} s, cpu {k['cpu_median_s'] or float('nan'):.1f} s; others used "
+                 f"{k['others_cores_median'] or 0:.1f} cores)"
                  if walls else "") + (f"; peak RSS {k['maxrss_gb']:.2f} GiB" if k["maxrss_gb"] else "")
               + f"; whole run {k['wall_s']:.0f} s", flush=True)
 
-    if peers_dir:
+    if peers_dir and presets:
         print(f"\nkohya sd-scripts sdxl_train_network.py in {peers_dir} right after sdlora's timings (one process at "
               f"a time; fp32, {gc_text}, {args.steps + 1} steps, the first not counted):", flush=True)
         gc_tag = "-gc" if args.gradient_checkpointing else ""
@@ -865,8 +895,7 @@ def main(argv: list[str] | None = None) -> int:
         if note:
             rss = {"error": note}
         else:
-            rss = run_child(spec)
-            rss.update(spec)
+            rss = {**spec, **run_child(spec)}  # the child's "steps" (list of timings) wins over the count
         if "error" in rss:
             print(f"  sdlora: {rss['error']}", flush=True)
         else:
@@ -888,6 +917,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  step {k['preset']:9s} fp32 {args.size} px{gc_note}: sdlora {r['sdlora_median_s']:.2f} s, "
                           f"kohya {k['median_s']:.2f} s = {r['sdlora_median_s'] / k['median_s']:.2f}x   (target <= 0.8x; "
                           f"others used {r['others_cores_median'] or 0:.1f} / {k['others_cores_median'] or 0:.1f} cores)")
+                    if k.get("cpu_median_s"):
+                        sd_cpu = _median([x["cpu"] for x in r["sdlora"]])
+                        print(f"       CPU seconds per step: sdlora {sd_cpu:.1f} s, kohya {k['cpu_median_s']:.1f} s = "
+                              f"{sd_cpu / k['cpu_median_s']:.2f}x (less sensitive to the load; OpenMP spinning included)")
         for k in peers:
             if not k.get("memory_run"):
                 continue
