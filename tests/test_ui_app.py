@@ -129,9 +129,11 @@ def test_path_like_upload_names_land_inside(app, client, tmp_path):
         zf.writestr("../../evil3.png", data)
         zf.writestr("/abs/evil4.png", data)
     files = [handle_file(p) for p in stored] + [handle_file(str(zpath))]
-    _upload(client, "../../evil-set", files)
+    out = _upload(client, "../../evil-set", files)
     folder = app.runs_dir / "_datasets" / "evil-set"
-    assert sorted(p.name for p in folder.iterdir()) == ["evil.png", "evil2.png", "evil3.png", "evil4.png"]
+    assert out[-1] == "evil-set"  # the name box shows what the name became
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "evil.png", "evil2.png", "evil3.png", "evil4.png"]
     outside = [p for p in app.runs_dir.parent.rglob("evil*.png") if app.runs_dir not in p.parents]
     outside = [p for p in outside if "gradio-tmp" not in p.parts]
     assert outside == []

@@ -89,6 +89,51 @@ def test_dataset_names_stay_inside(tmp_path):
         ds.dataset_dir(runs, "   ")
 
 
+def test_changed_dataset_names_are_said_and_never_collide(tmp_path):
+    runs = tmp_path / "runs"
+    assert ds.dataset_dir(runs, "图像-ünïcödé").name == "unicode"  # accents kept as letters
+    first = ds.dataset_dir(runs, "a/b/c", create=True)
+    assert first.name == "c" and ds.typed_name(first) == "a/b/c"
+    assert ds.dataset_dir(runs, "a/b/c", create=True) == first  # the same name again: the same dataset
+    assert ds.dataset_dir(runs, "c", create=True) == first  # picked by its stored name
+    with pytest.raises(UIError, match="'x/c' would be stored as 'c', which is the dataset 'a/b/c'"):
+        ds.dataset_dir(runs, "x/c", create=True)
+
+
+def test_long_upload_names_keep_extension_and_pairs(tmp_path):
+    folder = tmp_path / "ds"
+    long_a, long_b = "a" * 150 + " pic", "a" * 150 + " other"
+    src = _png(tmp_path / "x.png")
+    cap = tmp_path / "x.txt"
+    cap.write_text("a red square")
+    z = tmp_path / "long.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr(f"set/{long_b}.png", _png_bytes())
+        zf.writestr(f"set/{long_b}.txt", "a green square")
+    report = ds.add_files(folder, [(f"{long_a}.png", src), (f"{long_a}.txt", cap), ("long.zip", z)], max_bytes=10**6)
+    assert report.rejected == [] and len(report.added) == 4
+    stems = {}
+    for name in report.added:
+        assert len(name) <= ds.MAX_NAME and name.endswith((".png", ".txt")), name
+        stems.setdefault(Path(name).stem, set()).add(Path(name).suffix)
+    assert list(stems.values()) == [{".png", ".txt"}, {".png", ".txt"}]  # two pairs, kept apart
+    from sdlora.data import scan_dataset
+
+    scan = scan_dataset(folder)
+    assert sorted(item.caption for item in scan.items) == ["a green square", "a red square"]
+
+
+def test_a_huge_caption_is_cut_in_the_check(tmp_path):
+    from sdlora.ui.dataview import dataset_view
+
+    folder = tmp_path / "ds"
+    _png(folder / "big.png")
+    (folder / "big.txt").write_text("word " * 200_000)
+    view = dataset_view(folder, "zq", {})
+    assert len(view.html) < 5_000 and "more characters" in view.html
+    assert all(len(label) < 400 for _, label in view.gallery)
+
+
 def test_upload_names_are_made_safe(tmp_path):
     folder = tmp_path / "runs" / "_datasets" / "a"
     src = _png(tmp_path / "up" / "x.png")
@@ -403,6 +448,18 @@ def test_style_preset_follows_the_base_and_leaves_paths_and_seed(tmp_path):
     assert (shown["cfg-max_train_steps"], shown["cfg-gradient_checkpointing"]) == (style.max_train_steps, True)
     assert shown["cfg-resolution"] == 1024 and "cfg-seed" not in shown
     assert _shown(app.train.apply_preset("demo", "custom", applied, **start)) == {}
+
+
+def test_export_says_which_base_the_file_fits(tmp_path):
+    runs = tmp_path / "runs"
+    RunDir(runs / "on-demo").write_config(TrainConfig(output_name="on-demo", pretrained_model_name_or_path="demo"))
+    app, _ = _page(runs, tmp_path / "models")
+    text = app.export.where_for("on-demo", str(runs / "on-demo" / "on-demo.safetensors"), "kohya")
+    assert "demo model only" in text and "models/Lora" not in text
+    from sdlora.ui.tabs.export import where_to_put
+
+    assert "SDXL" in where_to_put("x.safetensors", "kohya", "sdxl") and "models/Lora" in where_to_put(
+        "x.safetensors", "kohya", "sd1")
 
 
 def test_error_messages_name_the_setting():

@@ -12,8 +12,10 @@ training will use.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
+import unicodedata
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,23 +57,73 @@ def datasets_root(runs_dir: str | Path) -> Path:
     return Path(runs_dir) / DATASETS_DIRNAME
 
 
+#: Longest stored file name (the file systems' limit is 255 bytes; names stay well below it).
+MAX_NAME = 128
+#: A dataset folder made from a name that had to be changed records the name as typed here (hidden
+#: files are not read as data), so another name that becomes the same folder is refused.
+TYPED_NAME_FILE = ".typed-name"
+
+
+def _ascii(text: str) -> str:
+    """Accents dropped (ü -> u), so a name keeps its letters when made safe."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
 def dataset_name(name: str) -> str:
     """The folder name a user-given dataset name is stored under (an error when nothing usable remains)."""
-    clean = safe_name((name or "").strip(), default="")
+    clean = safe_name(_ascii((name or "").strip()), default="").strip("-_.")
     if not clean:
-        raise UIError("Give the dataset a name (letters, digits, '-', '_' or '.').", title="Dataset name")
-    return clean
+        raise UIError(f"{name!r} cannot name a dataset: use letters, digits, '-', '_' or '.'.",
+                      title="Dataset name")
+    return clean[:MAX_NAME]
 
 
 def dataset_dir(runs_dir: str | Path, name: str, *, create: bool = False) -> Path:
-    """``<runs>/_datasets/<safe name>``; never a path outside the datasets folder."""
+    """``<runs>/_datasets/<safe name>``; never a path outside the datasets folder.
+
+    With ``create``, a name that had to be changed ("a/b/c" -> "c") may not land in a dataset made
+    from another name: that is refused, naming both."""
     root = datasets_root(runs_dir)
     folder = root / dataset_name(name)
     if not inside(root, folder) or folder.resolve() == root.resolve():
         raise UIError(f"{name!r} is not a usable dataset name.", title="Dataset name")
     if create:
-        folder.mkdir(parents=True, exist_ok=True)
+        typed = (name or "").strip()
+        if folder.is_dir():
+            owner = typed_name(folder)
+            if typed != folder.name and owner != typed:
+                raise UIError(f"The dataset name {typed!r} would be stored as {folder.name!r}, which is the "
+                              f"dataset {owner!r} already. Choose another name, or pick {folder.name!r} in the "
+                              "list to add to it.", title="Dataset name")
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            if typed != folder.name:
+                atomic_write_text(folder / TYPED_NAME_FILE, typed)
     return folder
+
+
+def typed_name(folder: Path) -> str:
+    """The name a dataset folder was made from (its folder name unless that had to be changed)."""
+    try:
+        return (folder / TYPED_NAME_FILE).read_text(encoding="utf-8").strip() or folder.name
+    except OSError:
+        return folder.name
+
+
+def stored_name(name: str) -> str:
+    """The name an uploaded file is stored under: safe characters, at most :data:`MAX_NAME` long with
+    its extension kept. A long stem is cut and marked with a hash of the whole stem, so an image and
+    its caption ("<stem>.png", "<stem>.txt") stay a pair and two long names stay apart."""
+    clean = safe_name(_ascii(name))
+    if len(clean) < MAX_NAME:  # safe_name cuts at MAX_NAME: a name that long may have lost its end
+        return clean
+    base = Path(str(name).replace("\\", "/")).name
+    stem, ext = Path(base).stem, Path(base).suffix
+    ext = safe_name(ext, default="")[:16]
+    ext = "." + ext.lstrip(".") if ext.strip(".") else ""
+    digest = hashlib.sha1(stem.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    keep = MAX_NAME - len(ext) - len(digest) - 1
+    return f"{safe_name(_ascii(stem))[:keep].rstrip('-_.')}-{digest}{ext}"
 
 
 def list_datasets(runs_dir: str | Path) -> list[str]:
@@ -161,7 +213,7 @@ def add_files(folder: Path, uploads: list[tuple[str, str | Path]], max_bytes: in
         if reason:
             report.rejected.append((display, reason))
             continue
-        name = _unique(safe_name(display), taken)
+        name = _unique(stored_name(display), taken)
         target = folder / name
         if not inside(folder, target):
             report.rejected.append((display, "not a usable file name"))
@@ -210,7 +262,7 @@ def _add_zip(folder: Path, display: str, src: Path, max_bytes: int, taken: set[s
                 continue
             # Kohya repeat folders ("10_mystyle/") keep their meaning; other folders are flattened.
             sub = safe_name(parts[-2], default="") if len(parts) > 1 and _REPEATS.match(parts[-2]) else ""
-            name = _unique(f"{sub}/{safe_name(parts[-1])}" if sub else safe_name(parts[-1]), taken)
+            name = _unique(f"{sub}/{stored_name(parts[-1])}" if sub else stored_name(parts[-1]), taken)
             target = folder / name
             if not inside(folder, target):
                 report.rejected.append((label, "not a usable file name"))

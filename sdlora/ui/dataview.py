@@ -41,7 +41,7 @@ def dataset_view(folder: Path, trigger_word: str, check: dict[str, Any], refused
         parts.append(f'<div class="bad"><b>{len(refused)} upload(s) were not added:</b></div><ul>')
         parts.extend(f"<li>{esc(r)}</li>" for r in refused)
         parts.append("</ul>")
-    if not folder.is_dir() or not any(folder.iterdir()):
+    if not folder.is_dir() or not any(not p.name.startswith(".") for p in folder.iterdir()):
         parts.append('<div><b class="bad">The dataset is empty.</b> Upload images (or a .zip of them) to '
                      "train on.</div></div>")
         return DatasetView([], [], "".join(parts), problems + ["The dataset is empty: upload images first."])
@@ -53,7 +53,7 @@ def dataset_view(folder: Path, trigger_word: str, check: dict[str, Any], refused
     gallery, names = [], []
     for item in scan.items:
         name = _rel(folder, item.path)
-        cap = (item.caption or "").strip()
+        cap = short((item.caption or "").strip())
         gallery.append((str(item.path), f"{name}: {cap}" if cap else f"{name} (no caption)"))
         names.append(name)
     warnings = list(scan.warnings)
@@ -73,7 +73,7 @@ def dataset_view(folder: Path, trigger_word: str, check: dict[str, Any], refused
                      f'{summary["captioned"]} with a caption file). {bucket_text}</div>')
         if summary.get("example_captions"):
             parts.append('<div class="sdl-hint">Training captions, e.g.: '
-                         + " | ".join(f"<code>{esc(c)}</code>" if c else "<i>(empty)</i>"
+                         + " | ".join(f"<code>{esc(short(c))}</code>" if c else "<i>(empty)</i>"
                                       for c in summary["example_captions"][:3])
                          + "</div>")
     else:
@@ -85,14 +85,26 @@ def dataset_view(folder: Path, trigger_word: str, check: dict[str, Any], refused
                      "</div><ul>")
         for sk in scan.skipped:
             rel = _rel(folder, sk.path)
-            parts.append(f"<li><code>{esc(rel)}</code>: {esc(sk.reason)}</li>")
-            problems.append(f"{rel}: {sk.reason}")
+            parts.append(f"<li><code>{esc(short(rel))}</code>: {esc(short(sk.reason))}</li>")
+            problems.append(f"{short(rel)}: {short(sk.reason)}")
         parts.append("</ul>")
     for w in warnings:
-        parts.append(f'<div class="sdl-hint">Note: {esc(w)}</div>')
-        problems.append(w)
+        parts.append(f'<div class="sdl-hint">Note: {esc(short(w))}</div>')
+        problems.append(short(w))
     parts.append("</div>")
     return DatasetView(gallery, names, "".join(parts), problems, [_rel(folder, sk.path) for sk in scan.skipped])
+
+
+#: Longest caption (or other text from a file) the check and the gallery show; the whole text stays in the file.
+MAX_SHOWN = 200
+
+
+def short(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` cut to ``limit`` characters, saying how much more there is."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit].rstrip()}... ({len(text) - limit:,} more characters)"
 
 
 def _rel(folder: Path, path: Path) -> str:

@@ -75,7 +75,7 @@ class DatasetTab:
         #: What every change of the dataset redraws: gallery, check, the dataset lists of both tabs.
         self.view_outputs = [self.gallery, self.check, self.existing, train.dataset, self.items]
         self.upload.upload(self.upload_dataset, inputs_kwargs=dict(self.inputs_kw, files=self.upload),
-                           outputs=[*self.view_outputs, self.upload], api_name="upload_dataset")
+                           outputs=[*self.view_outputs, self.upload, self.name], api_name="upload_dataset")
         self.existing.input(_same, inputs=self.existing, outputs=self.name, api_visibility="private").then(
             self.open_dataset, inputs_kwargs=self.inputs_kw, outputs=self.view_outputs, api_name="open_dataset")
         self.use_style.click(self.use_style_set, inputs_kwargs=dict(self.inputs_kw, style=self.style),
@@ -124,8 +124,8 @@ class DatasetTab:
         """Add uploaded images, captions or .zip files to a dataset and check it."""
         if not files:
             raise UIError("No files were uploaded. Choose images, .txt captions or a .zip.", title="Upload")
-        folder = self._folder(dataset_name)
-        new = not folder.exists()
+        new = not self._folder(dataset_name).exists()
+        folder = self._folder(dataset_name, create=True)
         uploads = [(Path(str(f)).name, str(f)) for f in files]
         report = ds.add_files(folder, uploads, self.ctx.opts.max_upload_bytes)
         refused = [f"{name}: {reason}" for name, reason in report.rejected]
@@ -134,8 +134,10 @@ class DatasetTab:
                 shutil.rmtree(folder, ignore_errors=True)  # no empty dataset left behind
             raise UIError("Nothing was added. " + " ; ".join(refused), title="Upload")
         if report.added:
-            gr.Info(f"Added {len(report.added)} file(s) to dataset {folder.name}.")
-        return {**self._redraw(folder, trigger_word, check, refused), self.upload: None}
+            renamed = (f" (the name {dataset_name.strip()!r} is stored as {folder.name!r}: letters, digits, "
+                       "'-', '_' and '.' only)") if folder.name != (dataset_name or "").strip() else ""
+            gr.Info(f"Added {len(report.added)} file(s) to dataset {folder.name}{renamed}.")
+        return {**self._redraw(folder, trigger_word, check, refused), self.upload: None, self.name: folder.name}
 
     @guarded
     def open_dataset(self, dataset_name: str, trigger_word: str = "", **check: Any):

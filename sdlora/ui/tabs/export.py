@@ -22,9 +22,28 @@ WHERE_TO_PUT = ("**Where the file goes:** Automatic1111/Forge: `models/Lora/`, t
 FINAL = "final"
 
 
-def where_to_put(path: str | None, fmt: str = "kohya") -> str:
-    """The "where the file goes" line, with the exported file's name."""
+#: What each kind of base a LoRA was trained on means for where the file works.
+FITS = {
+    "demo": ("**Fits the bundled demo model only** (64 px, trained for this app's demo): use it in the Preview "
+             "tab or with `sdlora generate`. A1111, ComfyUI and SD checkpoints cannot use it; train on an SD "
+             "1.x/2.x or SDXL base (put it into the models folder) for a LoRA those tools load."),
+    "sd1": "**Fits Stable Diffusion 1.x models** (SD 1.5 and models fine-tuned from it).",
+    "sd2": "**Fits Stable Diffusion 2.x models** (the 2.x family it was trained on).",
+    "sdxl": "**Fits SDXL models** (SDXL 1.0 base and models fine-tuned from it).",
+}
+
+
+def where_to_put(path: str | None, fmt: str = "kohya", kind: str | None = None) -> str:
+    """The "where the file goes" line, with the exported file's name; ``kind`` ("demo", "sd1", "sd2",
+    "sdxl") says which models the file fits."""
     name = Path(str(path)).name if path else "FILE_NAME.safetensors"
+    fits = FITS.get(kind or "", "")
+    if kind == "demo":
+        return fits
+    return (fits + " " if fits else "") + _where(name, fmt)
+
+
+def _where(name: str, fmt: str) -> str:
     if fmt == "diffusers":
         return (f"**Where the file goes:** diffusers: `pipe.load_lora_weights(\"{name}\")`. For Automatic1111, "
                 "Forge, ComfyUI or kohya, export the kohya format.")
@@ -68,13 +87,17 @@ class ExportTab:
     # ---- events ---------------------------------------------------------------------------------
     def wire(self) -> None:
         self.run.input(self.export_info, inputs=self.run, outputs=[self.step, self.summary, self.meta],
-                       api_name="export_info", show_progress="hidden")
+                       api_name="export_info", show_progress="hidden").then(
+            self.where_for, inputs=[self.run, self.file, self.fmt], outputs=self.where, api_visibility="private",
+            show_progress="hidden")
         self.export_btn.click(self.export_lora, inputs=[self.run, self.fmt, self.step, self.rank],
                               outputs=[self.file, self.summary, self.meta], api_name="export").then(
-            where_to_put, inputs=[self.file, self.fmt], outputs=self.where, api_visibility="private",
+            self.where_for, inputs=[self.run, self.file, self.fmt], outputs=self.where, api_visibility="private",
             show_progress="hidden")
         self.tab.select(self.refresh, inputs=self.run, outputs=[self.run, self.step, self.summary, self.meta],
-                        api_visibility="private", show_progress="hidden")
+                        api_visibility="private", show_progress="hidden").then(
+            self.where_for, inputs=[self.run, self.file, self.fmt], outputs=self.where, api_visibility="private",
+            show_progress="hidden")
 
     @property
     def load_outputs(self) -> list[gr.components.Component]:
@@ -101,6 +124,26 @@ class ExportTab:
             if final:
                 summary, meta = inspection(final)
         return {self.step: gr.update(choices=choices, value=choices[0][1]), self.summary: summary, self.meta: meta}
+
+    def base_kind(self, run_name: str | None) -> str | None:
+        """"demo", "sd1", "sd2" or "sdxl": the kind of base a run was trained on (None when unknown)."""
+        if not run_name:
+            return None
+        try:
+            spec = self.ctx.existing_run(run_name).load_config().pretrained_model_name_or_path
+        except Exception:  # noqa: BLE001 - a run without a readable config: nothing to say
+            return None
+        if spec == "demo":
+            return "demo"
+        for v in (spec, str(Path(spec).resolve())):
+            choice = self.ctx.base_choice(v)
+            if choice is not None:
+                return choice.family
+        return None
+
+    def where_for(self, run: str | None, path: str | None, fmt: str = "kohya") -> str:
+        """The "where the file goes" line for a run's file: which models it fits and where it goes."""
+        return where_to_put(path, fmt, self.base_kind(run))
 
     @guarded
     def export_info(self, run: str):
