@@ -87,7 +87,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -99,6 +98,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 # Helpers shared with the SD 1.5 benchmark (none of them imports torch at import time).
+from bench_train_step import Trainer as StepTrainer  # noqa: E402
 from bench_train_step import (  # noqa: E402
     OMP_SETTINGS,
     PRECISION_NAMES,
@@ -381,56 +381,12 @@ class Models:
         return torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
 
 
-class Trainer:
-    """One training step as ``sdlora.train.loop`` runs it for SDXL (micro-step with the added
-    conditioning, gradient clipping, optimizer step; the constant LR schedule and the batch fetch
-    from the cache are left out)."""
+class Trainer(StepTrainer):
+    """One training step as ``sdlora.train.loop`` runs it for SDXL: ``bench_train_step.Trainer`` with the
+    models' own cached latent and added conditioning (``Models.latents``, ``Models.added_cond_kwargs``)."""
 
     def __init__(self, models: Models, cfg, *, speed: bool, memory: str = "auto"):
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-
-        from sdlora.lora import inject_adapters
-        from sdlora.train.config import learning_rates, lora_spec
-        from sdlora.train.loop import _make_optimizer
-        from sdlora.train.precision import resolve_precision
-        from sdlora.train.speed import SpeedOptions, prepare_for_training
-
-        AcceleratorState._reset_state(True)  # one process measures several precisions
-        self.precision, _ = resolve_precision(cfg.mixed_precision, "cpu")
-        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=True)
-        self.models, self.cfg = models, cfg
-        self.adapter = inject_adapters(models.unet, None, lora_spec(cfg))
-        if cfg.gradient_checkpointing:
-            models.unet.enable_gradient_checkpointing()
-        models.unet.train()
-        self.report = (prepare_for_training(models.unet, None, self.accelerator.device, SpeedOptions(memory=memory))
-                       if speed else None)
-        groups = self.adapter.param_groups(**learning_rates(cfg), weight_decay=cfg.weight_decay)
-        self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = self.accelerator.prepare(_make_optimizer(cfg, groups, self.accelerator.device))
-        self.sample_id = 0
-
-    def micro_step(self):
-        from sdlora.train.step import diffusion_loss, sample_noise
-
-        cfg, m = self.cfg, self.models
-        self.sample_id += 1
-        noise, timesteps = sample_noise(m.latents, [self.sample_id], cfg.seed, m.scheduler.config.num_train_timesteps,
-                                        cfg.noise_offset)
-        with self.accelerator.autocast():
-            out = diffusion_loss(m.unet, m.latents, m.hidden, m.scheduler, noise=noise, timesteps=timesteps,
-                                 min_snr_gamma=cfg.min_snr_gamma, added_cond_kwargs=m.added_cond_kwargs)
-        self.accelerator.backward(out.loss)
-        return out
-
-    def step(self) -> float:
-        out = self.micro_step()
-        if self.cfg.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return out.loss_instance
+        super().__init__(models, cfg, 0, speed=speed, memory=memory)
 
     def counted_step(self) -> float:
         """One full step under the FLOP counter (its forward and backward are what is counted)."""
@@ -443,13 +399,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return flops
 
-    def remove(self) -> None:
-        from sdlora.train.speed import restore
-
-        restore(self.models.unet)
-        self.adapter.remove()
-        if self.cfg.gradient_checkpointing:
-            self.models.unet.disable_gradient_checkpointing()
 
 
 def bench_preset(models: Models, preset: str, precision: str, args) -> dict:

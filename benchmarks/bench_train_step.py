@@ -162,7 +162,9 @@ class Models:
 
 class Trainer:
     """One training step as ``sdlora.train.loop`` runs it (micro-step, gradient clipping, optimizer
-    step; the constant LR schedule and the batch fetch from the cache are left out)."""
+    step; the constant LR schedule and the batch fetch from the cache are left out). ``models`` brings
+    the UNet, scheduler and cached text conditioning (``hidden``; SDXL's ``added_cond_kwargs`` and its
+    own ``latents`` when it has them); ``bench_sdxl_step.py`` uses it too."""
 
     def __init__(self, models: Models, cfg, size: int, *, speed: bool, memory: str = "auto"):
         import torch
@@ -170,7 +172,7 @@ class Trainer:
         from accelerate.state import AcceleratorState
 
         from sdlora.lora import inject_adapters
-        from sdlora.train.config import lora_spec
+        from sdlora.train.config import learning_rates, lora_spec
         from sdlora.train.loop import _make_optimizer
         from sdlora.train.precision import resolve_precision
         from sdlora.train.speed import SpeedOptions, prepare_for_training
@@ -185,12 +187,13 @@ class Trainer:
         models.unet.train()
         self.report = (prepare_for_training(models.unet, None, self.accelerator.device, SpeedOptions(memory=memory))
                        if speed else None)
-        groups = self.adapter.param_groups(unet_lr=cfg.effective_unet_lr, text_encoder_lr=cfg.text_encoder_lr,
-                                           weight_decay=cfg.weight_decay)
+        groups = self.adapter.param_groups(**learning_rates(cfg), weight_decay=cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = self.accelerator.prepare(_make_optimizer(cfg, groups, self.accelerator.device))
-        g = torch.Generator().manual_seed(0)
-        self.latents = torch.randn(1, 4, size // 8, size // 8, generator=g) * 0.18215
+        self.latents = getattr(models, "latents", None)  # models may bring their own cached latent (SDXL)
+        if self.latents is None:
+            g = torch.Generator().manual_seed(0)
+            self.latents = torch.randn(1, 4, size // 8, size // 8, generator=g) * 0.18215
         self.sample_id = 0
 
     def micro_step(self):
@@ -202,7 +205,8 @@ class Trainer:
                                         self.models.scheduler.config.num_train_timesteps, cfg.noise_offset)
         with self.accelerator.autocast():
             out = diffusion_loss(self.models.unet, self.latents, self.models.hidden, self.models.scheduler, noise=noise,
-                                 timesteps=timesteps, min_snr_gamma=cfg.min_snr_gamma)
+                                 timesteps=timesteps, min_snr_gamma=cfg.min_snr_gamma,
+                                 added_cond_kwargs=getattr(self.models, "added_cond_kwargs", None))
         self.accelerator.backward(out.loss)
         return out
 
