@@ -37,7 +37,7 @@ class App:
         with gr.Blocks(title="sdlora: train style LoRAs", analytics_enabled=False,
                        delete_cache=(3600, 86400)) as demo:
             gr.Markdown(HEADER)
-            with gr.Tabs(elem_id="sdl-tabs"):
+            with gr.Tabs(elem_id="sdl-tabs") as self.tabs_block:
                 for tab in self.tabs:
                     tab.layout()
             # Tabs update each other's lists, so events are connected once every tab exists.
@@ -46,7 +46,7 @@ class App:
             self.preview.wire()
             self.export.wire()
 
-            load_outputs = [c for tab in self.tabs for c in tab.load_outputs]
+            load_outputs = [c for tab in self.tabs for c in tab.load_outputs] + [self.tabs_block]
             loaded = demo.load(self.on_load, inputs=None, outputs=load_outputs, api_visibility="private")
             self.train.redraw_live(loaded)
             loaded.then(guarded(self.dataset.show_dataset), inputs_kwargs=self.dataset.inputs_kw,
@@ -55,10 +55,15 @@ class App:
         return demo
 
     def on_load(self) -> dict:
-        """A fresh page: every tab fills its lists (models folder, datasets, runs)."""
+        """A fresh page: every tab fills its lists (models folder, datasets, runs); while a training
+        runs, the page opens on the Train tab."""
+        from ..train import active_run
+
         out: dict = {}
         for tab in self.tabs:
             out.update(tab.on_load())
+        if active_run(self.ctx.runs_dir) is not None:
+            out[self.tabs_block] = gr.Tabs(selected="train")  # a training runs: open on its progress
         return out
 
 

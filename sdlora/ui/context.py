@@ -111,6 +111,10 @@ class AppContext:
         return run
 
     # ---- preview ---------------------------------------------------------------------------------
+    def needs_loading(self, base: str) -> bool:
+        """Whether the next preview of ``base`` loads the model first (the first one takes a while)."""
+        return self._previewer is None or self._previewer_base != base
+
     def previewer(self, base: str, loras: list[tuple[str, float]]):
         """The previewer of ``base`` with exactly ``loras`` (path, weight) active.
 

@@ -223,7 +223,12 @@ class PreviewTab:
             if kwargs[k] % 8:
                 raise UIError(f"{k.title()}: {kwargs[k]} is not a multiple of 8.", title="Size")
         loras = self._loras(f.lora_runs, f.lora_files, f.lora_weights)
-        return Generation(self.ctx.check_base(f.base_model), loras, kwargs)
+        base = self.ctx.check_base(f.base_model)
+        if self.ctx.needs_loading(base):
+            choice = self.ctx.base_choice(base)
+            gr.Info(f"Loading the base model ({choice.label if choice else 'base'}) for the first preview; this "
+                    "takes a while once, then the scale slider only changes weights.", duration=10)
+        return Generation(base, loras, kwargs)
 
     @guarded
     @takes_generation_form

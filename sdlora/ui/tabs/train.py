@@ -26,6 +26,11 @@ RESOLUTION_FIELDS = ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket
 RATE_FIELDS = ("learning_rate", "text_encoder_lr")
 
 
+#: After Start or Resume the run's progress comes into view (the form above it is long).
+SHOW_PROGRESS_JS = ("() => { const el = document.querySelector('#tr-message');"
+                    " if (el) el.scrollIntoView({behavior: 'smooth', block: 'start'}); }")
+
+
 @dataclass(frozen=True)
 class PollState:
     """What the page showed at the last timer tick, so unchanged files are not redrawn."""
@@ -126,11 +131,12 @@ class TrainTab:
                          inputs_kwargs=dict(pretrained_model_name_or_path=self.base, output_name=self.run_name,
                                             dataset=self.dataset, trigger_word=dataset.trigger, **self.cfg),
                          outputs=[self.message, self.watch, self.runs_df], api_name="start_training",
-                         concurrency_id="train")
+                         concurrency_id="train").success(
+            None, js=SHOW_PROGRESS_JS)
         self.stop.click(self.stop_training, inputs=self.watch, outputs=[self.message, self.runs_df],
                         api_name="stop_training", concurrency_id="train")
         self.resume.click(self.resume_training, inputs=self.watch, outputs=[self.message, self.watch, self.runs_df],
-                          api_name="resume_training", concurrency_id="train")
+                          api_name="resume_training", concurrency_id="train").success(None, js=SHOW_PROGRESS_JS)
         self.live_outputs = [self.progress, self.loss_plot, self.samples, self.log_box, self.runs_df, self.watch,
                              self.poll_state]
         self.timer.tick(self.poll, inputs=[self.watch, self.poll_state], outputs=self.live_outputs,
@@ -151,12 +157,15 @@ class TrainTab:
         return [self.base, self.dataset, self.watch, self.run_name]
 
     def on_load(self) -> dict:
-        """A fresh page: the base models and datasets there are now, the run to watch, a free run name."""
+        """A fresh page: the base models and datasets there are now (the newest with images chosen), the
+        run to watch, a free run name."""
         base_choices, base_value = self.ctx.base_dropdown()
         datasets = ds.list_datasets(self.ctx.runs_dir)
+        usable = [d for d in datasets if ds.image_files(ds.dataset_dir(self.ctx.runs_dir, d))]
         names = [r[0] for r in runview.runs_table(self.ctx.runs_dir)]
+        first = (usable or datasets or [None])[0]
         return {self.base: gr.update(choices=base_choices, value=base_value),
-                self.dataset: gr.update(choices=datasets, value=datasets[0] if datasets else None),
+                self.dataset: gr.update(choices=datasets, value=first),
                 self.watch: gr.update(choices=names, value=runview.watched_default(self.ctx.runs_dir)),
                 self.run_name: self._free_run_name("my-style")}
 
