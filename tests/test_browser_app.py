@@ -59,7 +59,7 @@ class Page:
     def wait_loaded(self) -> None:
         # The page polls the run directory every second, so "network idle" never comes.
         self.page.wait_for_selector("button[role=tab]")
-        self.page.wait_for_selector("#ds-upload")
+        self.page.wait_for_selector("#ds-upload", state="attached")  # hidden when the page opens on Train
         self.page.wait_for_timeout(1500)
 
     def tab(self, name: str) -> None:
@@ -173,13 +173,16 @@ def test_browser_end_to_end(app, browser, artifacts_dir, tmp_path):
     ui.wait(f"+document.querySelector('#sdl-progress').dataset.step > {first}", timeout=120_000)
     assert ui.progress()["total"] == "30"
     # The loss plot draws a line once there are steps.
-    page.wait_for_selector("#tr-loss canvas, #tr-loss svg .mark-line path", timeout=30_000)
+    ui.wait("[...document.querySelectorAll('#tr-loss svg .mark-line path')].some(p => p.getBBox().width > 0) || "
+            "document.querySelector('#tr-loss canvas')", timeout=60_000)
     ui.shot(artifacts_dir / "ui-train-running.png")
 
     # ---- A reload mid-training shows the same live run ------------------------------------------------
     before = int(ui.progress()["step"])
     page.reload()
     ui.wait_loaded()
+    # While a training runs, a fresh page opens on the Train tab.
+    assert page.locator("button[role=tab][aria-selected=true]").first.inner_text() == "Train"
     ui.tab("Train")
     ui.wait("(() => { const p = document.querySelector('#sdl-progress');"
                            " return p && p.innerText.includes('browser-run'); })()", timeout=30_000)

@@ -519,3 +519,23 @@ def test_sdlora_ui_passes_its_options(capsys):
         cli_main(["ui", "--help"])
     assert e.value.code == 0
     assert "--max-upload-mb" in capsys.readouterr().out
+
+
+# ---- the live panel ----------------------------------------------------------------------------
+def test_loss_plot_has_a_smoothed_line_and_samples_say_when_the_next_come(tmp_path):
+    from sdlora.ui import runview
+
+    frame = runview.loss_frame([(i, 1.0 if i % 2 else 0.0) for i in range(1, 101)])
+    raw = frame[frame.series == runview.RAW]["loss"].tolist()
+    smooth = frame[frame.series == runview.SMOOTHED]["loss"].tolist()
+    assert len(raw) == len(smooth) == 100
+    assert max(smooth[50:]) - min(smooth[50:]) < 0.3 < max(raw) - min(raw)  # calmer than the raw points
+    assert runview.sample_label(Path("step-000100-1.png")) == "step 100 #2"
+    run = RunDir(tmp_path / "r")
+    run.write_config(TrainConfig(output_name="r", sample_every_n_steps=50))
+    summary = runview.RunSummary(name="r", state="running", message="", activity="", step=120, total_steps=130,
+                                 loss=None, it_per_s=None, eta_s=None, checkpoint=None, lora=None, updated=None,
+                                 pid=None)
+    assert runview.samples_label(run, summary) == "Newest samples (next at step 130)"
+    run.write_config(TrainConfig(output_name="r", sample_every_n_steps=0))
+    assert "at the end" in runview.samples_label(run, summary)

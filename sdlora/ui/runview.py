@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..train import RunDir, RunSummary, loss_curve, run_summaries, run_summary
-from .errors import esc
+from .errors import esc, without_server_paths
 
 RUNS_HEADERS = ["run", "state", "step", "message", "updated"]
 MAX_PLOT_POINTS = 1500
@@ -103,19 +103,55 @@ def progress_html(summary: RunSummary | None) -> str:
             f'<div class="sdl-msg">{esc(s.activity)}</div></div>')
 
 
+#: Series of the loss plot: every step's loss (drawn faint) and its moving average (drawn strong).
+RAW, SMOOTHED = "loss per step", "smoothed"
+LOSS_COLORS = {RAW: "#c7d2fe", SMOOTHED: "#4f46e5"}
+
+
+def smoothed(values: list[float], weight: float | None = None) -> list[float]:
+    """An exponential moving average with the start's bias corrected (as TensorBoard smooths);
+    the weight grows with the number of points, so long runs get a calm line too."""
+    if not values:
+        return []
+    if weight is None:
+        weight = min(0.98, max(0.6, 1 - 10 / len(values)))
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
 def loss_frame(points: list[tuple[int, float]]):
-    """Loss per step as a DataFrame for ``gr.LinePlot`` (thinned to at most MAX_PLOT_POINTS)."""
+    """Loss per step and its smoothed line as a DataFrame for ``gr.LinePlot`` (columns step, loss,
+    series), thinned to at most MAX_PLOT_POINTS a series."""
     import pandas as pd
 
+    steps = [int(p[0]) for p in points]
+    raw = [float(p[1]) for p in points]
+    smooth = smoothed(raw)
     if len(points) > MAX_PLOT_POINTS:
         stride = len(points) / MAX_PLOT_POINTS
-        points = [points[int(i * stride)] for i in range(MAX_PLOT_POINTS)] + [points[-1]]
-    return pd.DataFrame({"step": [int(p[0]) for p in points], "loss": [float(p[1]) for p in points]})
+        keep = sorted({int(i * stride) for i in range(MAX_PLOT_POINTS)} | {len(points) - 1})
+        steps, raw, smooth = [steps[i] for i in keep], [raw[i] for i in keep], [smooth[i] for i in keep]
+    # Typed columns even when empty: the plot reads its axis and colour types from them.
+    return pd.DataFrame({"step": pd.Series(steps + steps, dtype="int64"),
+                         "loss": pd.Series(raw + smooth, dtype="float64"),
+                         "series": pd.Series([RAW] * len(steps) + [SMOOTHED] * len(steps), dtype="string")})
+
+
+_SAMPLE = re.compile(r"^step-0*(\d+)-(\d+)$")
+
+
+def sample_label(path: Path) -> str:
+    """A sample's caption, short enough to read over a thumbnail: "step 100 #2" for step-000100-1.png."""
+    m = _SAMPLE.match(path.stem)
+    return f"step {m.group(1)} #{int(m.group(2)) + 1}" if m else path.stem
 
 
 def newest_samples(run: RunDir, limit: int = 8) -> list[tuple[str, str]]:
-    """The newest sample images with their file names as captions, newest first."""
-    return [(str(p), p.stem) for p in reversed(run.samples()[-limit:])]
+    """The newest sample images with short captions (step and prompt number), newest first."""
+    return [(str(p), sample_label(p)) for p in reversed(run.samples()[-limit:])]
 
 
 def log_tail(run: RunDir, max_bytes: int = LOG_TAIL_BYTES) -> str:
@@ -128,7 +164,7 @@ def log_tail(run: RunDir, max_bytes: int = LOG_TAIL_BYTES) -> str:
             text = f.read().decode("utf-8", errors="replace")
         if size > max_bytes:
             text = text.split("\n", 1)[-1]
-        return "\n".join(clean_log_lines(text.splitlines())[-LOG_TAIL_LINES:])
+        return without_server_paths("\n".join(clean_log_lines(text.splitlines())[-LOG_TAIL_LINES:]))
     except OSError:
         lines = []
         for ev in run.events({"message", "warning", "failed", "done", "stopped"}):
@@ -169,6 +205,22 @@ def clean_log_lines(lines: list[str]) -> list[str]:
     return out
 
 
+def samples_label(run: RunDir, summary: RunSummary) -> str:
+    """The samples panel's title: when the next samples come (or why there are none)."""
+    try:
+        every = int(run.load_config().sample_every_n_steps)
+    except Exception:  # noqa: BLE001 - a run without a readable config: no schedule to tell
+        return "Newest samples"
+    if not summary.active:
+        return "Newest samples"
+    if every <= 0:
+        return "Samples come at the end (sample every N steps is 0)"
+    nxt = (summary.step // every + 1) * every
+    if summary.total_steps:
+        nxt = min(nxt, summary.total_steps)
+    return f"Newest samples (next at step {nxt})"
+
+
 def live_view(run: RunDir) -> dict[str, Any]:
     """Everything the live panel shows for one run (``summary`` is the run's :class:`RunSummary`)."""
     summary = run_summary(run)
@@ -177,5 +229,6 @@ def live_view(run: RunDir) -> dict[str, Any]:
         "progress": progress_html(summary),
         "loss": loss_frame(loss_curve(run)),
         "samples": newest_samples(run),
+        "samples_label": samples_label(run, summary),
         "log": log_tail(run),
     }

@@ -98,9 +98,11 @@ class TrainTab:
                                          allow_custom_value=True)
                 self.progress = gr.HTML(runview.progress_html(None), elem_id="tr-progress")
             with gr.Row():
-                self.loss_plot = gr.LinePlot(runview.loss_frame([]), x="step", y="loss", title="Loss",
+                self.loss_plot = gr.LinePlot(runview.loss_frame([]), x="step", y="loss", color="series",
+                                             color_map=runview.LOSS_COLORS, title="Loss", x_title="step",
+                                             y_title="loss",
                                              height=260, elem_id="tr-loss", scale=3)
-                self.samples = gr.Gallery(label="Newest samples", columns=4, height=260, object_fit="contain",
+                self.samples = gr.Gallery(label="Newest samples", columns=3, height=260, object_fit="contain",
                                           elem_id="tr-samples", scale=2)
             self.log_box = gr.Textbox(label="Log (newest lines; the whole log is train.log in the run folder)",
                                       lines=runview.LOG_TAIL_LINES, max_lines=runview.LOG_TAIL_LINES,
@@ -290,7 +292,8 @@ class TrainTab:
             if run_sig != old.run_sig or watch != old.watch:
                 view = runview.live_view(run)
                 out.update({self.progress: view["progress"], self.loss_plot: view["loss"],
-                            self.samples: view["samples"], self.log_box: view["log"]})
+                            self.samples: gr.update(value=view["samples"], label=view["samples_label"]),
+                            self.log_box: view["log"]})
                 summary = view["summary"]
                 if state in ("running", "queued") and summary.state != state:
                     self._announce_end(run.name, summary.state, summary.message)
