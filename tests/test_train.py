@@ -82,6 +82,7 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow  # trainer subprocesses: 40-65 s on 2 loaded cores
 def test_exact_resume_after_sigterm(tmp_path, tiny_model_dir):
     data = make_images(tmp_path / "data")
     common = ["max_train_steps=24", "save_every_n_steps=0",
@@ -112,6 +113,7 @@ def test_exact_resume_after_sigterm(tmp_path, tiny_model_dir):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow  # trainer subprocesses: 40-65 s on 2 loaded cores
 def test_sigkill_leaves_only_complete_files_and_resumes(tmp_path, tiny_model_dir):
     data = make_images(tmp_path / "data")
     sets = ["max_train_steps=40", "save_every_n_steps=3", "save_last_n_checkpoints=2", f"pretrained_model_name_or_path={tiny_model_dir}", f"train_data_dir={data}",
@@ -180,6 +182,7 @@ def test_cli_train_bad_option_exit_codes(tmp_path):
     assert r.returncode == 2 and "--frobnicate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # trainer subprocesses: 40-65 s on 2 loaded cores
 def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
     """accelerate launch --multi_gpu --num_processes 2 (no GPU here: CPU processes over gloo): equal adapters on
     both ranks, same losses as 1 process x batch 2."""
