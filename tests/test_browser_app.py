@@ -179,8 +179,12 @@ def test_browser_end_to_end(app, browser, artifacts_dir, tmp_path):
 
     # ---- A reload mid-training shows the same live run ------------------------------------------------
     before = int(ui.progress()["step"])
+    before_reload = len(ui.errors)
     page.reload()
     ui.wait_loaded()
+    # A reload aborts the requests in flight (the 1 s poll): the browser logs that, nothing else may.
+    ui.errors[before_reload:] = [e for e in ui.errors[before_reload:]
+                                 if "AbortError" not in e and "Connection errored out" not in e]
     # While a training runs, a fresh page opens on the Train tab.
     assert page.locator("button[role=tab][aria-selected=true]").first.inner_text() == "Train"
     ui.tab("Train")
@@ -193,6 +197,13 @@ def test_browser_end_to_end(app, browser, artifacts_dir, tmp_path):
     ui.wait("document.querySelector('#sdl-progress').dataset.state === 'done'", timeout=240_000)
     page.wait_for_selector("#tr-samples img", timeout=30_000)
     assert "done" in page.locator("#tr-runs").inner_text()
+    page.wait_for_timeout(1500)
+    lines = page.evaluate("[...document.querySelectorAll('#tr-loss svg .mark-line path')]"
+                          ".map(p => [p.getBBox().width, p.getAttribute('stroke'), p.getAttribute('aria-label')])")
+    # Both lines drawn in their colours (the page opened on this tab before any step was there).
+    from sdlora.ui.runview import LOSS_COLORS
+
+    assert {stroke for w, stroke, _ in lines if w > 0} == set(LOSS_COLORS.values()), lines
     ui.shot(artifacts_dir / "ui-train-done.png")
 
     # ---- Preview: generate, then move the slider and see the image change ------------------------------

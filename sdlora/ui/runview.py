@@ -130,6 +130,10 @@ def loss_frame(points: list[tuple[int, float]]):
     steps = [int(p[0]) for p in points]
     raw = [float(p[1]) for p in points]
     smooth = smoothed(raw)
+    if not points:
+        # No steps yet: one empty point a series. The plot takes its colours from the series it is
+        # first drawn with, so both must be there from the start (the page may open on this tab).
+        steps, raw, smooth = [0], [float("nan")], [float("nan")]
     if len(points) > MAX_PLOT_POINTS:
         stride = len(points) / MAX_PLOT_POINTS
         keep = sorted({int(i * stride) for i in range(MAX_PLOT_POINTS)} | {len(points) - 1})
