@@ -152,10 +152,13 @@ def _reap(pid: int) -> None:
 
 
 # ---- small datasets and helpers -------------------------------------------------------------
-#: Training settings that finish in seconds with the tiny model (64 px, a few steps, fp32).
+#: Training settings that finish in seconds with the tiny model (64 px, a few steps, fp32). They name the
+#: schedule and the text encoder too: the page's defaults (and so the API's) follow the chosen base's preset.
 QUICK = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=64, network_preset="full",
              network_dim=4, conv_dim=4, network_alpha=4.0, conv_alpha=4.0, train_batch_size=2,
-             learning_rate=1e-3, text_encoder_lr=1e-3, mixed_precision="no", save_every_n_steps=2,
+             learning_rate=1e-3, text_encoder_lr=1e-3, train_text_encoder=True, lr_scheduler="constant",
+             lr_warmup_steps=0,
+             mixed_precision="no", save_every_n_steps=2,
              sample_every_n_steps=0, sample_steps=2, sample_prompts="a red square, in {trigger} style",
              caption_template="{caption}, in {trigger} style")
 

@@ -96,7 +96,8 @@ def test_upload_images_zip_and_unusable_files(app, client, tmp_path):
     pdf.write_bytes(b"%PDF-1.4 hello")
     zpath = make_zip(tmp_path / "more.zip", 2)
     files = [handle_file(str(p)) for p in [*imgs, *caps, corrupt, pdf, zpath]]
-    gallery, check, _, _, upload_value = _upload(client, "mixed", files)
+    gallery, check, _, _, upload_value, name = _upload(client, "mixed", files)
+    assert name == "mixed"
     folder = app.runs_dir / "_datasets" / "mixed"
     assert sorted(p.name for p in folder.glob("*.png")) == ["corrupt.png", "img0.png", "img1.png", "img2.png",
                                                             "z0.png", "z1.png"]
