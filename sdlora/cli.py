@@ -35,6 +35,9 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------------------------
 # train
+_PRECISION_LABELS = {"no": "fp32", "fp16": "fp16 mixed", "bf16": "bf16 mixed"}
+
+
 def _progress_renderer(enabled: bool) -> Callable[[Any], None]:
     from tqdm import tqdm
 
@@ -50,7 +53,8 @@ def _progress_renderer(enabled: bool) -> Callable[[Any], None]:
                                     desc=Path(d["run_dir"]).name)
             else:
                 print(f"training {d['run_dir']}: {d['num_images']} images, {d['trainable_params']:,} trainable "
-                      f"parameters, {d['device']} {d['precision']}, steps {d['start_step']}->{d['total_steps']}", flush=True)
+                      f"parameters, {d['device']} {_PRECISION_LABELS.get(d['precision'], d['precision'])}, "
+                      f"steps {d['start_step']}->{d['total_steps']}", flush=True)
         elif t == "step":
             post = dict(loss=f"{d['loss']:.4f}", lr=f"{d['lr']:.2e}")
             if d.get("mfu"):

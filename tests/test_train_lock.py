@@ -82,3 +82,22 @@ def test_two_concurrent_trainers_one_wins(tmp_path):
     steps = [e for e in run.events({"step"})]
     assert [e["step"] for e in steps] == [1]  # trained once, not twice
     assert run.status()["state"] == "done"
+
+
+def test_stop_right_after_start_says_it_was_stopped(tmp_path):
+    """Stop pressed while the trainer is still starting: the run says it was stopped on request, not that it
+    ended without a word."""
+    from sdlora.train import stop_run
+
+    run = _run(tmp_path)
+    pid = start_run(run)
+    assert stop_run(run)  # at once: the child has not installed its SIGTERM handler yet
+    end = time.time() + 60
+    while time.time() < end and os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+        time.sleep(0.1)
+    st = run.status()
+    assert st["state"] == "stopped" and st["message"].startswith("stopped on request"), st
+    assert "without a word" not in st["message"]
+    # a later training clears the request: its own end is reported as usual
+    result = train(resume=run.path)
+    assert result.state == "done" and not (run.path / ".stop-requested").exists()

@@ -147,7 +147,7 @@ def test_sdxl_frozen_encoders_use_the_cache_and_resume_exactly(tmp_path, tiny_sd
 
     straight = train(_cfg(tmp_path, tiny_sdxl_dir, "straight", "train_text_encoder=false"))
     events = [e for e in straight.run_dir.joinpath("events.jsonl").read_text().splitlines() if "cached training images" in e]
-    assert events and "texts_encoded" in events[0]
+    assert events and "captions encoded" in events[0] and "latents encoded" in events[0]
 
     import shutil
 

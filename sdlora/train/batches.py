@@ -114,10 +114,14 @@ class TrainData:
             return dataset
         cached = CachedDataset(dataset, encode_image=encode_image, encode_text=encode_text, cache_dir=cache_dir,
                                encoder_key=key)
-        log.emit(Message(f"caching {what}", 0, 1))
         stats = cached.prepare(progress=lambda done, total: log.emit(Message(f"caching {what}", done, total))
                                if done == total or done % 16 == 0 else None)
-        log.emit(Message(f"cached {what}: {stats}"))
+        parts = []
+        if encode_image is not None:
+            parts.append(f"{stats.images_encoded} latents encoded, {stats.image_hits} from the cache")
+        if encode_text is not None:
+            parts.append(f"{stats.texts_encoded} captions encoded, {stats.text_hits} from the cache")
+        log.emit(Message(f"cached {what}: {'; '.join(parts)}"))
         return cached
 
     # ---- facts ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from .events import Callback, Checkpoint, Done, EventLog, Failed, Message, Start
 from .measure import count_flops, matmul_peak_flops
 from .precision import resolve_precision
 from .speed import prepare_for_training
-from .process import RunLock
+from .process import STOP_REQUEST_NAME, RunLock
 from .runs import RunDir
 from .step import diffusion_loss, sample_noise
 
@@ -116,6 +116,8 @@ def train(cfg: TrainConfig | None = None, callbacks: list[Callback] | None = Non
     # One trainer per run directory: the main process holds the run's lock until it exits (a second
     # trainer is refused before it writes anything; see process.py).
     lock = RunLock(run.path).acquire() if accelerator.is_main_process else None
+    if lock is not None:
+        (run.path / STOP_REQUEST_NAME).unlink(missing_ok=True)  # a stop asked of an earlier process
     try:
         return _train_locked(cfg, run, accelerator, callbacks, precision, precision_warning, resume is not None)
     finally:

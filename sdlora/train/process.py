@@ -23,10 +23,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..paths import atomic_write_text
+
 if TYPE_CHECKING:
     from .runs import RunDir
 
 LOCK_NAME = ".train.lock"
+STOP_REQUEST_NAME = ".stop-requested"
 
 
 class RunBusyError(RuntimeError):
@@ -163,6 +166,9 @@ def stop_run(run: "RunDir", timeout: float = 0.0) -> bool:
         return False
     if not pid_alive(pid):
         return False
+    # Said before the signal: a process stopped before it handles SIGTERM (still starting) ends without a
+    # word, and the run's status then tells from this file that it was asked to stop.
+    atomic_write_text(run.path / STOP_REQUEST_NAME, json.dumps({"pid": pid, "time": time.time()}))
     os.kill(pid, signal.SIGTERM)
     end = time.time() + timeout
     while timeout and time.time() < end and pid_alive(pid):

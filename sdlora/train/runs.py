@@ -19,7 +19,7 @@ from typing import Any
 
 from ..paths import atomic_write_text
 from .events import read_events
-from .process import pid_alive
+from .process import STOP_REQUEST_NAME, pid_alive
 
 STATES = ("queued", "running", "stopped", "done", "failed")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -91,10 +91,13 @@ class RunDir:
             st = {"state": "queued" if self.exists() else "failed", "message": "" if self.exists() else "no config.toml"}
         if st.get("state") in ("running", "queued") and st.get("pid") and not pid_alive(st["pid"]):
             st["state"] = "stopped"
-            st["message"] = ("the training process ended without a word (killed or crashed; the system kills it "
-                             "when memory runs out: then lower train_batch_size or resolution, or turn on "
-                             "gradient_checkpointing); "
-                             "resume continues from the newest checkpoint")
+            if (self.path / STOP_REQUEST_NAME).is_file():
+                st["message"] = ("stopped on request" + ("; resume continues from the newest checkpoint"
+                                 if self.latest_checkpoint() else " before training began; resume to start it"))
+            else:
+                st["message"] = ("the training process ended without a word (killed or crashed; the system kills "
+                                 "it when memory runs out: then lower train_batch_size or resolution, or turn on "
+                                 "gradient_checkpointing); resume continues from the newest checkpoint")
         last = self.last_step_event()
         st.setdefault("step", last["step"] if last else 0)
         if last:
