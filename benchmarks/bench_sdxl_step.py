@@ -108,6 +108,7 @@ from bench_train_step import (  # noqa: E402
     _set_openmp_env,
     matmul_peaks,
     peak_rss_mb,
+    summarise,
     timed,
     train_config,
 )
@@ -770,25 +771,13 @@ def main(argv: list[str] | None = None) -> int:
     results = timing["results"]
     peaks_after = matmul_peaks()
     peaks = {k: max(peaks_before[k], peaks_after[k]) for k in peaks_before}
-    best_peak = max(peaks.values())
 
     print("\nmatmul peak (2048 x 2048, best of start and end of run): "
           + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()) + " GFLOP/s")
     print(f"\n{'preset':9s} {'prec':4s} {'GFLOP':>6s} | {'plain s':>7s} {'sdlora s':>8s} {'best':>6s} {'cpu s':>6s} "
           f"{'speedup':>7s} | {'GFLOP/s':>7s} {'% peak':>6s} | others")
     for r in results:
-        flops = r["flops"]
-        plain = [x["wall"] for x in r["plain"]]
-        fast = [x["wall"] for x in r["sdlora"]]
-        cpu = [x["cpu"] for x in r["sdlora"]]
-        paired = [a / b for a, b in zip(plain, fast)]
-        same_prec_peak = max(v for k, v in peaks.items() if k.startswith(r["precision"]))
-        rate = flops / _median(fast)
-        others = [x["others"] for x in r["plain"] + r["sdlora"] if x["others"] is not None]
-        r.update(plain_median_s=_median(plain), sdlora_median_s=_median(fast), sdlora_best_s=min(fast),
-                 speedup_median_of_pairs=_median(paired), gflops_per_s=rate / 1e9,
-                 share_of_same_precision_peak=rate / same_prec_peak, share_of_best_peak=rate / best_peak,
-                 others_cores_median=_median(others) if others else None)
+        flops, plain, fast, cpu, paired, rate, same_prec_peak = summarise(r, peaks)
         print(f"{r['preset']:9s} {r['precision']:4s} {flops / 1e9:6.0f} | {_median(plain):7.2f} {_median(fast):8.2f} "
               f"{min(fast):6.2f} {_median(cpu):6.2f} {_median(paired):6.2f}x | {rate / 1e9:7.1f} "
               f"{100 * rate / same_prec_peak:5.1f}% | "

@@ -268,6 +268,27 @@ def matmul_peaks() -> dict[str, float]:
     return out
 
 
+def summarise(r: dict, peaks: dict[str, float]) -> tuple:
+    """Add the summary of one preset/precision measurement to ``r`` (medians, speedup of the interleaved
+    pairs, FLOP rate and its share of this machine's matmul peaks, other processes' load); returns the
+    pieces the report prints: (flops, plain walls, sdlora walls, sdlora cpu, pair ratios, rate, same-precision peak)."""
+    best_peak = max(peaks.values())
+    flops = r["flops"]
+    plain = [x["wall"] for x in r["plain"]]
+    fast = [x["wall"] for x in r["sdlora"]]
+    cpu = [x["cpu"] for x in r["sdlora"]]
+    paired = [a / b for a, b in zip(plain, fast)]
+    same_prec_peak = max(v for k, v in peaks.items() if k.startswith(r["precision"]))
+    rate = flops / _median(fast)
+    others = [x["others"] for x in r["plain"] + r["sdlora"] if x["others"] is not None]
+    r.update(plain_median_s=_median(plain), sdlora_median_s=_median(fast), sdlora_best_s=min(fast),
+             speedup_median_of_pairs=_median(paired), gflops_per_s=rate / 1e9,
+             share_of_same_precision_peak=rate / same_prec_peak, share_of_best_peak=rate / best_peak,
+             plain_share_of_best_peak=flops / _median(plain) / best_peak,
+             others_cores_median=_median(others) if others else None)
+    return flops, plain, fast, cpu, paired, rate, same_prec_peak
+
+
 def _median(values):
     return statistics.median(values) if values else float("nan")
 
@@ -471,19 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'preset':9s} {'prec':4s} {'GFLOP':>6s} | {'plain s':>7s} {'sdlora s':>8s} {'best':>6s} {'cpu s':>6s} "
           f"{'speedup':>7s} | {'GFLOP/s':>7s} {'% peak':>6s} {'% best peak':>11s} | others")
     for r in results:
-        flops = r["flops"]
-        plain = [x["wall"] for x in r["plain"]]
-        fast = [x["wall"] for x in r["sdlora"]]
-        cpu = [x["cpu"] for x in r["sdlora"]]
-        paired = [a / b for a, b in zip(plain, fast)]
-        same_prec_peak = max(v for k, v in peaks.items() if k.startswith(r["precision"]))
-        rate = flops / _median(fast)
-        others = [x["others"] for x in r["plain"] + r["sdlora"] if x["others"] is not None]
-        r.update(plain_median_s=_median(plain), sdlora_median_s=_median(fast), sdlora_best_s=min(fast),
-                 speedup_median_of_pairs=_median(paired), gflops_per_s=rate / 1e9,
-                 share_of_same_precision_peak=rate / same_prec_peak, share_of_best_peak=rate / best_peak,
-                 plain_share_of_best_peak=flops / _median(plain) / best_peak,
-                 others_cores_median=_median(others) if others else None)
+        flops, plain, fast, cpu, paired, rate, same_prec_peak = summarise(r, peaks)
         print(f"{r['preset']:9s} {r['precision']:4s} {flops / 1e9:6.1f} | {_median(plain):7.2f} {_median(fast):8.2f} "
               f"{min(fast):6.2f} {_median(cpu):6.2f} {_median(paired):6.2f}x | {rate / 1e9:7.1f} "
               f"{100 * rate / same_prec_peak:5.1f}% {100 * rate / best_peak:10.1f}% | "
