@@ -59,12 +59,13 @@ def test_preparing_run_shows_what_it_is_preparing(tmp_path):
     assert s.step == 0 and s.total_steps is None and s.fraction == 0.0 and s.loss is None
 
 
-def test_a_run_whose_process_is_gone_is_stopped_and_says_resume(tmp_path):
+def test_a_run_whose_process_is_gone_is_failed_and_says_resume(tmp_path):
     run = _run(tmp_path, "killed", state="running", message="training", pid=2**22 + 12345,
                events=[_step(3, 10, 0.3)], checkpoints=[2])
     s = run_summary(run)
-    assert s.state == "stopped" and not s.active
-    assert "resume" in s.message and s.activity == s.message  # no stale "caching" or "training" line
+    assert s.state == "failed" and not s.active  # killed without a word (no stop asked): a failure
+    assert "memory" in s.message and "resume continues" in s.message
+    assert s.activity == s.message  # no stale "caching" or "training" line
 
 
 def test_done_and_failed_runs(tmp_path):

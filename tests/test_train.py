@@ -124,7 +124,8 @@ def test_sigkill_leaves_only_complete_files_and_resumes(tmp_path, tiny_model_dir
     proc.kill()
     proc.wait()
     rd = RunDir(run)
-    assert rd.status()["state"] == "stopped"  # the dead process is not reported as running
+    st = rd.status()  # the dead process is not reported as running: killed without a word is a failure
+    assert st["state"] == "failed" and "memory" in st["message"] and "resume continues" in st["message"], st
     # Nothing half-written where a loader would look: only complete step-N folders and no final LoRA yet.
     for p in rd.checkpoints_dir.iterdir():
         if not p.name.startswith("."):

@@ -59,11 +59,12 @@ def test_restart_during_training_then_stop_and_resume(tmp_path, tiny_model_dir):
         st = client.predict(run="long", api_name="/run_status")
         assert st["state"] == "running" and st["pid"] != trainer_pid
 
-        # A training process killed outright is reported as stopped (not running) and resumable.
+        # A training process killed outright is reported as failed (not running), with the memory advice, and
+        # resumable.
         os.kill(st["pid"], signal.SIGKILL)
         st = wait_for(lambda: (s := client.predict(run="long", api_name="/run_status"))["state"] != "running" and s,
                       60, "the killed run to be noticed")
-        assert st["state"] == "stopped" and "resume" in st["message"], st
+        assert st["state"] == "failed" and "memory" in st["message"] and "resume" in st["message"], st
         status_file = json.loads((runs / "long" / "status.json").read_text())
         assert status_file["state"] == "running"  # the file still says running; the app checks the process
     finally:

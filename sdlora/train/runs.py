@@ -84,20 +84,26 @@ class RunDir:
         atomic_write_text(self.status_path, json.dumps(data, indent=1))
 
     def status(self) -> dict[str, Any]:
-        """The run's state; a 'running' run whose process is gone is reported as stopped."""
+        """The run's state. A 'running' run whose process is gone is reported as stopped when a stop was
+        asked for, and as failed otherwise (killed or crashed; resumable from its newest checkpoint)."""
         try:
             st = json.loads(self.status_path.read_text())
         except (OSError, json.JSONDecodeError):
             st = {"state": "queued" if self.exists() else "failed", "message": "" if self.exists() else "no config.toml"}
         if st.get("state") in ("running", "queued") and st.get("pid") and not pid_alive(st["pid"]):
-            st["state"] = "stopped"
+            resume = ("resume continues from the newest checkpoint" if self.latest_checkpoint()
+                      else "resume starts it again from step 0")
             if (self.path / STOP_REQUEST_NAME).is_file():
-                st["message"] = ("stopped on request" + ("; resume continues from the newest checkpoint"
-                                 if self.latest_checkpoint() else " before training began; resume to start it"))
+                st["state"] = "stopped"
+                st["message"] = ("stopped on request" + (f"; {resume}" if self.latest_checkpoint()
+                                                         else " before training began; resume to start it"))
             else:
+                # Killed outright (kill -9, the kernel's out-of-memory killer) or crashed without a word:
+                # a failure, whose usual cause is memory; the checkpoints it left are intact.
+                st["state"] = "failed"
                 st["message"] = ("the training process ended without a word (killed or crashed; the system kills "
                                  "it when memory runs out: then lower train_batch_size or resolution, or turn on "
-                                 "gradient_checkpointing); resume continues from the newest checkpoint")
+                                 f"gradient_checkpointing); {resume}")
         last = self.last_step_event()
         st.setdefault("step", last["step"] if last else 0)
         if last:
