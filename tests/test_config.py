@@ -58,6 +58,9 @@ def test_round_trip_through_toml(tmp_path, data_dir):
     ("output_name=../../etc", "output_name"),
     ("no_such_option=1", "no_such_option"),
     ("with_prior_preservation=true", "class_prompt"),
+    ("learning_rate=3", "learning_rate"),  # a typo for 3e-3: past the option's largest value
+    ("seed=99999999999", "seed"),
+    ("sample_guidance=1e9", "sample_guidance"),
 ])
 def test_bad_values_name_the_key(data_dir, override, key):
     with pytest.raises(ConfigError) as e:
@@ -85,6 +88,14 @@ def test_unknown_key_in_file(tmp_path, data_dir):
 def test_parse_override_needs_equals():
     with pytest.raises(ConfigError):
         parse_override("learning_rate")
+
+
+def test_every_numeric_option_has_a_range():
+    """Bounds live in the config (the CLI, TOML files and the page check the same ranges)."""
+    numeric = [f for f in TrainConfig.field_info() if f["type"] in ("int", "float") and f.get("ui", True)]
+    assert len(numeric) > 20
+    missing = [f["name"] for f in numeric if f["max"] is None or f["min"] is None]
+    assert not missing, missing
 
 
 def test_field_info_covers_every_field():

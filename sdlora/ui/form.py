@@ -71,18 +71,6 @@ LABELS = {
     "enable_bucket": "Aspect-ratio buckets",
 }
 
-#: Largest values of options whose config field has no maximum of its own: a sane range for the page
-#: (a value past it is almost surely a typo, e.g. a learning rate of 3 instead of 3e-3).
-UI_MAX: dict[str, float] = {
-    "seed": 2**32 - 1, "sample_seed": 2**32 - 1, "keep_tokens": 75, "bucket_reso_steps": 1024,
-    "num_class_images": 10_000, "prior_loss_weight": 100.0, "network_alpha": 4096.0, "conv_alpha": 4096.0,
-    "text_encoder_alpha": 4096.0, "loraplus_lr_ratio": 1000.0, "learning_rate": 1.0, "unet_lr": 1.0,
-    "text_encoder_lr": 1.0, "text_encoder_2_lr": 1.0, "weight_decay": 10.0, "lr_warmup_steps": 1_000_000,
-    "max_grad_norm": 1000.0, "min_snr_gamma": 100.0, "noise_offset": 1.0, "save_every_n_steps": 1_000_000,
-    "save_last_n_checkpoints": 1000, "sample_every_n_steps": 1_000_000, "sample_steps": 1000,
-    "sample_guidance": 50.0,
-}
-
 SECTION_TITLES = {
     "run": "Run", "data": "Data and captions", "dreambooth": "Prior preservation (DreamBooth)",
     "network": "Network", "optimizer": "Optimizer and schedule", "loss": "Loss", "saving": "Checkpoints and saving",
@@ -149,11 +137,8 @@ def _label(info: dict[str, Any]) -> str:
 
 
 def bounds(info: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(smallest, largest) value of a numeric option: the config field's own, else the page's sane range."""
-    lo, hi = info.get("min"), info.get("max")
-    if hi is None:
-        hi = UI_MAX.get(info["name"])
-    return lo, hi
+    """(smallest, largest) value of a numeric option: the config field's own range (the CLI checks the same)."""
+    return info.get("min"), info.get("max")
 
 
 def FieldNumber(**kwargs: Any) -> gr.Number:  # noqa: N802 - used like a component class
