@@ -421,24 +421,36 @@ def _check_number(label: str, value: Any) -> None:
 
 
 def image_grid(
-    images: Sequence["Image.Image"], labels: Sequence[str] | None = None, cols: int | None = None
+    images: Sequence["Image.Image"], labels: Sequence[str] | None = None, cols: int | None = None,
+    *, min_side: int = 256,
 ) -> "Image.Image":
-    """Tile images into one picture, with an optional caption strip under each image."""
-    from PIL import Image, ImageDraw
+    """Tile images into one picture, with an optional caption strip under each image.
+
+    Images smaller than ``min_side`` pixels (the demo model draws 64 px) are enlarged by a whole factor
+    with nearest-neighbour sampling, so every pixel stays a sharp square and the labels, drawn in a
+    font sized to the cell, stay legible. ``min_side=0`` keeps the images' own size.
+    """
+    from PIL import Image, ImageDraw, ImageFont
 
     if not images:
         raise LoraError("No images to put in a grid.")
     cols = cols or len(images)
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
-    strip = 18 if labels else 0
+    factor = max(1, math.ceil(min_side / min(w, h))) if min_side else 1
+    w, h = w * factor, h * factor
+    font_size = max(12, min(28, w // 10))
+    font = ImageFont.load_default(size=font_size)
+    strip = font_size + 14 if labels else 0
     grid = Image.new("RGB", (cols * w, rows * (h + strip)), "white")
     draw = ImageDraw.Draw(grid)
     for i, img in enumerate(images):
         x, y = (i % cols) * w, (i // cols) * (h + strip)
-        grid.paste(img.convert("RGB").resize((w, h)), (x, y))
+        grid.paste(img.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (x, y))
         if labels:
-            draw.text((x + 4, y + h + 3), str(labels[i]), fill="black")
+            text = str(labels[i])
+            left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+            draw.text((x + max(2, (w - (right - left)) // 2), y + h + 6), text, fill="black", font=font)
     return grid
 
 

@@ -142,7 +142,15 @@ def test_schedulers_seeds_and_sizes(tiny_pipe):
     pil = previewer.generate(PROMPT, steps=1, scheduler="DDIM")
     assert pil[0].size == (32, 32)
     grid = image_grid(pil * 3, labels=["0.0", "0.5", "1.0"])
-    assert grid.size == (96, 32 + 18)
+    # 32 px images are enlarged 8x (nearest neighbour: each pixel a sharp square) under legible labels.
+    assert grid.width == 3 * 256 and grid.height > 256 + 20
+    cell = np.asarray(grid.crop((0, 0, 256, 256)))
+    assert np.array_equal(cell[::8, ::8], np.asarray(pil[0].convert("RGB")))
+    assert np.array_equal(cell, np.repeat(np.repeat(cell[::8, ::8], 8, 0), 8, 1))
+    label = np.asarray(grid.crop((0, 256, 256, grid.height)).convert("L"))
+    dark_rows = np.nonzero((label < 128).any(axis=1))[0]
+    assert dark_rows.size and dark_rows.max() - dark_rows.min() >= 12  # text at least 12 px tall
+    assert image_grid(pil, min_side=0).size == (32, 32)
     with pytest.raises(LoraError, match="multiple of 2"):
         previewer.generate(PROMPT, width=33, **FAST)
     with pytest.raises(LoraError, match="finite"):
