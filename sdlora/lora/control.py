@@ -136,16 +136,26 @@ def get_scales(models: Models) -> dict[str, float]:
     return out
 
 
+def _alpha(layer: nn.Module, name: str) -> float:
+    """An adapter's alpha: ``lora_alpha`` on PEFT LoRA layers, ``alpha`` on LyCORIS ones (LoHa, LoKr)."""
+    alphas = getattr(layer, "lora_alpha", None)
+    return (alphas if alphas is not None else layer.alpha)[name]  # type: ignore[attr-defined]
+
+
+def _rslora(layer: nn.Module, name: str) -> bool:
+    return bool(getattr(layer, "use_rslora", {}).get(name, False))
+
+
 def _scaling_for(layer: nn.Module, name: str, scale: float) -> float:
     """What PEFT's ``set_scale(name, scale)`` stores (same expression, so equality is exact)."""
-    if layer.use_rslora.get(name, False):  # type: ignore[attr-defined]
-        return scale * layer.lora_alpha[name] / math.sqrt(layer.r[name])  # type: ignore[attr-defined]
-    return scale * layer.lora_alpha[name] / layer.r[name]  # type: ignore[attr-defined]
+    if _rslora(layer, name):
+        return scale * _alpha(layer, name) / math.sqrt(layer.r[name])  # type: ignore[attr-defined]
+    return scale * _alpha(layer, name) / layer.r[name]  # type: ignore[attr-defined]
 
 
 def _base_scaling(layer: nn.Module, name: str) -> float:
-    alpha, r = layer.lora_alpha[name], layer.r[name]  # type: ignore[attr-defined]
-    return alpha / math.sqrt(r) if layer.use_rslora.get(name, False) else alpha / r  # type: ignore[attr-defined]
+    alpha, r = _alpha(layer, name), layer.r[name]  # type: ignore[attr-defined]
+    return alpha / math.sqrt(r) if _rslora(layer, name) else alpha / r
 
 
 def active_adapters(models: Models) -> list[str]:

@@ -24,7 +24,7 @@ from .targets import (
     COMPONENTS, Component, TargetModule, TargetPlan, canonical_path, plan_from_shapes, plan_targets, unet_layout,
 )
 from .variants import AdapterMethod, adapter_parameters, get_method
-from .weights import LoraWeights, ModuleLora
+from .weights import LoraWeights
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 
@@ -255,13 +255,6 @@ def inject_adapters(
     )
 
 
-def _fit(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape [a, b] <-> [a, b, 1, 1] (a 1x1 conv adapter stored as Linear, or the reverse)."""
-    if tensor.shape == like.shape:
-        return tensor
-    return tensor.reshape(like.shape)
-
-
 def apply_weights(
     unet: nn.Module | None,
     text_encoder: nn.Module | None,
@@ -270,15 +263,22 @@ def apply_weights(
     *,
     text_encoder_2: nn.Module | None = None,
 ) -> LoraAdapter:
-    """Inject plain LoRA weights (e.g. read from a file) as adapter ``adapter_name``.
+    """Inject adapter weights (e.g. read from a file) as adapter ``adapter_name``.
 
-    Every layer gets exactly the file's rank and alpha (PEFT ``rank_pattern``/``alpha_pattern``).
-    Shapes must already have been checked against the model (see ``formats.match_to_model``).
+    Plain LoRA modules become PEFT LoRA layers with exactly the file's rank and alpha (PEFT
+    ``rank_pattern``/``alpha_pattern``); LoHa / LoKr modules become the layers of their method
+    (its ``load_modules`` hook). Shapes must already have been checked against the model (see
+    ``formats.match_to_model``).
     """
     check_adapter_name(adapter_name)
-    method = get_method("lora")
+    kinds = weights.kinds()
+    if len(kinds) > 1:
+        raise LoraError(
+            f"These weights mix module kinds ({', '.join(sorted(kinds))}); one adapter holds one kind only."
+        )
+    method = get_method(kinds.pop() if kinds else "lora")  # module kinds are registry names
     given: dict[Component, nn.Module | None] = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    parts: list[tuple[Component, nn.Module, dict[str, ModuleLora]]] = []
+    parts: list[tuple[Component, nn.Module, dict[str, Any]]] = []
     for comp in COMPONENTS:
         modules = weights.component(comp)
         if not modules:
@@ -292,25 +292,14 @@ def apply_weights(
         raise LoraError("These LoRA weights are empty.")
     for _, model, _ in parts:
         _check_free(model, adapter_name)
-    spec = LoraSpec(method="lora", preset="attn", text_encoder=bool(weights.text_encoder or weights.text_encoder_2))
+    spec = LoraSpec(method=method.name, preset="attn", text_encoder=bool(weights.text_encoder or weights.text_encoder_2))
     plans: dict[str, TargetPlan] = {}
     for comp, model, modules in parts:
-        plan = plan_from_shapes(model, comp, {p: (m.rank, m.alpha) for p, m in modules.items()})
+        # (rank, alpha) with the module's scale alpha / rank; a LoKr of two full matrices has scale 1
+        plan = plan_from_shapes(model, comp, {p: (m.rank, m.alpha) if m.rank else (1, 1.0) for p, m in modules.items()})
         plans[comp] = plan
-        method.inject(model, plan, spec, adapter_name)
+        method.load_modules(model, plan, spec, adapter_name, modules)
         _verify(model, plan, adapter_name)
-        with torch.no_grad():
-            for path, layer in control.tuner_layers(model):
-                canonical = canonical_path(comp, path)
-                if canonical not in modules or adapter_name not in layer.r:  # type: ignore[attr-defined]
-                    continue
-                src = modules[canonical]
-                a = layer.lora_A[adapter_name].weight  # type: ignore[attr-defined]
-                b = layer.lora_B[adapter_name].weight  # type: ignore[attr-defined]
-                a.copy_(_fit(src.down, a).to(a.dtype))
-                b.copy_(_fit(src.up, b).to(b.dtype))
-                a.requires_grad_(False)
-                b.requires_grad_(False)
     return LoraAdapter(
         adapter_name,
         method,

@@ -1,14 +1,17 @@
-"""Plain LoRA weights, independent of PEFT and of any file layout.
+"""Adapter weights per layer, independent of PEFT and of any file layout.
 
-Every adapter method exports to this form (``down``/``up``/``alpha`` per layer, plus
-``dora_scale`` for DoRA) and every file format reads into it, so formats and methods never need
-to know about each other.
+Every adapter method exports to this form and every file format reads into it, so formats and
+methods never need to know about each other. Most methods export plain LoRA (:class:`ModuleLora`:
+``down``/``up``/``alpha`` per layer, plus ``dora_scale`` for DoRA); the LyCORIS methods LoHa and
+LoKr keep their own factors (:class:`ModuleLoha`, :class:`ModuleLokr`). All three share one
+interface: ``delta()`` (the weight change at scale 1, shaped like the layer's weight), ``is_conv``,
+``kernel_size``, ``rank``, ``alpha``, ``scale``, ``dora_scale`` and ``to(dtype)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator, Union
 
 import torch
 
@@ -27,6 +30,8 @@ class ModuleLora:
     up: torch.Tensor
     alpha: float
     dora_scale: torch.Tensor | None = None
+    #: the method family of this module's factors (``lora``, ``loha``, ``lokr``)
+    kind: ClassVar[str] = "lora"
 
     @property
     def rank(self) -> int:
@@ -35,6 +40,15 @@ class ModuleLora:
     @property
     def is_conv(self) -> bool:
         return self.down.ndim == 4
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (int(self.down.shape[2]), int(self.down.shape[3])) if self.is_conv else (1, 1)
+
+    def to(self, dtype: torch.dtype) -> "ModuleLora":
+        """A copy with ``down``/``up`` (and ``dora_scale``) cast to ``dtype``."""
+        return ModuleLora(self.down.to(dtype), self.up.to(dtype), self.alpha,
+                          None if self.dora_scale is None else self.dora_scale.to(dtype))
 
     @property
     def scale(self) -> float:
@@ -50,6 +64,150 @@ class ModuleLora:
         return (up @ down) * self.scale
 
 
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
+
+
+def _tucker(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:
+    """LyCORIS's Tucker rebuild: core ``[r, r, kh, kw]``, ``out_factor [r, out]``, ``in_factor [r, in]``
+    -> ``[out, in, kh, kw]``."""
+    return torch.einsum("i j k l, i p, j q -> p q k l", core.float(), out_factor.float(), in_factor.float())
+
+
+@dataclass
+class ModuleLoha:
+    """A LyCORIS LoHa (Hadamard product) adapter of one layer.
+
+    ``delta W = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank`` (element-wise product), reshaped to
+    the layer's weight ``shape``. Shapes: ``w1_a``/``w2_a`` ``[out, r]``, ``w1_b``/``w2_b``
+    ``[r, in * kh * kw]``. With Tucker cores (LyCORIS ``use_tucker``, PEFT ``use_effective_conv2d``;
+    Conv2d with a kernel larger than 1x1 only) ``t1``/``t2`` are ``[r, r, kh, kw]``, ``w*_a``
+    ``[r, out]`` and ``w*_b`` ``[r, in]``. ``rank`` is ``w1_b.shape[0]`` (what A1111 and ComfyUI
+    divide alpha by).
+    """
+
+    w1_a: torch.Tensor
+    w1_b: torch.Tensor
+    w2_a: torch.Tensor
+    w2_b: torch.Tensor
+    alpha: float
+    #: the adapted layer's weight shape: ``(out, in)`` or ``(out, in, kh, kw)``
+    shape: tuple[int, ...]
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    dora_scale: None = None  # LoHa with DoRA (LyCORIS dora_wd) is not supported
+    kind: ClassVar[str] = "loha"
+
+    @property
+    def rank(self) -> int:
+        return int(self.w1_b.shape[0])
+
+    @property
+    def is_conv(self) -> bool:
+        return len(self.shape) == 4
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (int(self.shape[2]), int(self.shape[3])) if self.is_conv else (1, 1)
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """The weight change this adapter adds at scale 1, shaped like the layer's weight."""
+        if self.t1 is not None and self.t2 is not None:
+            product = _tucker(self.t1, self.w1_a, self.w1_b) * _tucker(self.t2, self.w2_a, self.w2_b)
+        else:
+            product = (self.w1_a.float() @ self.w1_b.float()) * (self.w2_a.float() @ self.w2_b.float())
+        return product.reshape(self.shape) * self.scale
+
+    def to(self, dtype: torch.dtype) -> "ModuleLoha":
+        return ModuleLoha(self.w1_a.to(dtype), self.w1_b.to(dtype), self.w2_a.to(dtype), self.w2_b.to(dtype),
+                          self.alpha, tuple(self.shape), _cast(self.t1, dtype), _cast(self.t2, dtype))
+
+
+@dataclass
+class ModuleLokr:
+    """A LyCORIS LoKr (Kronecker product) adapter of one layer.
+
+    ``delta W = kron(w1, w2) * scale``, reshaped to the layer's weight ``shape``, where ``w1`` is
+    ``lokr_w1`` or ``w1_a @ w1_b`` and ``w2`` is ``lokr_w2``, ``w2_a @ w2_b`` or (Tucker, Conv2d)
+    the rebuild of ``t2`` [r, r, kh, kw] with ``w2_a`` [r, out2] and ``w2_b`` [r, in2]. A 4-d ``w2``
+    (``[out2, in2, kh, kw]``) takes ``w1`` as ``[out1, in1, 1, 1]``.
+
+    The scale follows LyCORIS and ComfyUI (``comfy/weight_adapter/lokr.py``): ``alpha / rank`` where
+    ``rank`` is ``w2_b.shape[0]`` when ``w2`` is decomposed, else ``w1_b.shape[0]`` when ``w1`` is;
+    when both are full matrices there is no rank and the scale is 1 (alpha is ignored).
+    """
+
+    alpha: float
+    shape: tuple[int, ...]
+    w1: torch.Tensor | None = None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    dora_scale: None = None  # LoKr with DoRA (LyCORIS dora_wd) is not supported
+    kind: ClassVar[str] = "lokr"
+
+    def __post_init__(self) -> None:
+        if (self.w1 is None) == (self.w1_a is None or self.w1_b is None):
+            raise ValueError("a LoKr module needs lokr_w1, or lokr_w1_a and lokr_w1_b (not both)")
+        if (self.w2 is None) == (self.w2_a is None or self.w2_b is None):
+            raise ValueError("a LoKr module needs lokr_w2, or lokr_w2_a and lokr_w2_b (not both)")
+
+    @property
+    def rank(self) -> int | None:
+        if self.w2_b is not None:
+            return int(self.w2_b.shape[0])
+        if self.w1_b is not None:
+            return int(self.w1_b.shape[0])
+        return None
+
+    @property
+    def is_conv(self) -> bool:
+        return len(self.shape) == 4
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (int(self.shape[2]), int(self.shape[3])) if self.is_conv else (1, 1)
+
+    @property
+    def scale(self) -> float:
+        rank = self.rank
+        return float(self.alpha) / rank if rank else 1.0
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w1, w2) as full matrices (float32), before the scale."""
+        w1 = self.w1.float() if self.w1 is not None else self.w1_a.float() @ self.w1_b.float()  # type: ignore[union-attr]
+        if self.w2 is not None:
+            w2 = self.w2.float()
+        elif self.t2 is not None:
+            w2 = _tucker(self.t2, self.w2_a, self.w2_b)  # type: ignore[arg-type]
+        else:
+            w2 = self.w2_a.float() @ self.w2_b.float()  # type: ignore[union-attr]
+        return w1, w2
+
+    def delta(self) -> torch.Tensor:
+        """The weight change this adapter adds at scale 1, shaped like the layer's weight."""
+        w1, w2 = self.factors()
+        if w2.ndim == 4:
+            w1 = w1[:, :, None, None]
+        return torch.kron(w1, w2.contiguous()).reshape(self.shape) * self.scale
+
+    def to(self, dtype: torch.dtype) -> "ModuleLokr":
+        return ModuleLokr(self.alpha, tuple(self.shape), _cast(self.w1, dtype), _cast(self.w1_a, dtype),
+                          _cast(self.w1_b, dtype), _cast(self.w2, dtype), _cast(self.w2_a, dtype),
+                          _cast(self.w2_b, dtype), _cast(self.t2, dtype))
+
+
+#: any module a ``LoraWeights`` may hold
+AdapterModule = Union[ModuleLora, ModuleLoha, ModuleLokr]
+
+
 @dataclass
 class LoraWeights:
     """Adapters by component and canonical module path (text-encoder paths without ``text_model.``).
@@ -59,18 +217,18 @@ class LoraWeights:
     record (preset, spec values, ...).
     """
 
-    unet: dict[str, ModuleLora] = field(default_factory=dict)
-    text_encoder: dict[str, ModuleLora] = field(default_factory=dict)
+    unet: dict[str, AdapterModule] = field(default_factory=dict)
+    text_encoder: dict[str, AdapterModule] = field(default_factory=dict)
     method: str = "lora"
     info: dict[str, object] = field(default_factory=dict)
-    text_encoder_2: dict[str, ModuleLora] = field(default_factory=dict)
+    text_encoder_2: dict[str, AdapterModule] = field(default_factory=dict)
 
-    def component(self, name: Component) -> dict[str, ModuleLora]:
+    def component(self, name: Component) -> dict[str, AdapterModule]:
         if name not in COMPONENTS:
             raise KeyError(f"unknown LoRA component {name!r}; components: {', '.join(COMPONENTS)}")
         return getattr(self, name)
 
-    def items(self) -> Iterator[tuple[Component, str, ModuleLora]]:
+    def items(self) -> Iterator[tuple[Component, str, AdapterModule]]:
         for name in COMPONENTS:
             for path, module in self.component(name).items():
                 yield name, path, module
@@ -79,7 +237,7 @@ class LoraWeights:
         """Modules per component, for the components that have any."""
         return {c: len(self.component(c)) for c in COMPONENTS if self.component(c)}
 
-    def map_modules(self, fn: Callable[[ModuleLora], ModuleLora], method: str | None = None,
+    def map_modules(self, fn: Callable[[AdapterModule], AdapterModule], method: str | None = None,
                     info: dict[str, object] | None = None) -> "LoraWeights":
         """A copy with ``fn`` applied to every module (same components and paths)."""
         parts = {c: {k: fn(v) for k, v in self.component(c).items()} for c in COMPONENTS}
@@ -92,17 +250,12 @@ class LoraWeights:
         return sum(len(self.component(c)) for c in COMPONENTS)
 
     def to(self, dtype: torch.dtype) -> "LoraWeights":
-        """A copy with ``down``/``up`` (and ``dora_scale``) cast to ``dtype``."""
+        """A copy with every module's tensors (``down``/``up``, ``dora_scale``, LoHa/LoKr factors) cast to ``dtype``."""
+        return self.map_modules(lambda m: m.to(dtype))
 
-        def cast(m: ModuleLora) -> ModuleLora:
-            return ModuleLora(
-                m.down.to(dtype),
-                m.up.to(dtype),
-                m.alpha,
-                None if m.dora_scale is None else m.dora_scale.to(dtype),
-            )
-
-        return self.map_modules(cast)
+    def kinds(self) -> set[str]:
+        """The module kinds present (``lora``, ``loha``, ``lokr``)."""
+        return {m.kind for _, _, m in self.items()}
 
 
 def resize_rank(weights: LoraWeights, rank: int) -> LoraWeights:
@@ -118,7 +271,9 @@ def resize_rank(weights: LoraWeights, rank: int) -> LoraWeights:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a whole number >= 1, got {rank!r}")
 
-    def resize(m: ModuleLora) -> ModuleLora:
+    def resize(m: AdapterModule) -> ModuleLora:
+        if not isinstance(m, ModuleLora):
+            raise ValueError(f"{m.kind} modules have no rank-r LoRA factors to truncate (see lora_from_delta)")
         if m.dora_scale is not None:
             raise ValueError("DoRA weights cannot be resized (their magnitude depends on the full delta)")
         if m.rank <= rank:

@@ -29,7 +29,7 @@ from ..errors import LoraFileError, LoraShapeMismatchError
 from ..inject import LoraAdapter, apply_weights, safe_adapter_name
 from ..targets import COMPONENTS, Component, base_layer, describe_layer, iter_adaptable, model_path
 from ..weights import LoraWeights, ModuleLora
-from . import diffusers_format, kohya
+from . import diffusers_format, kohya, lycoris
 from .inspect import detect_format, file_entries, format_inspection, guess_family, inspect_file
 from .io import DIFFUSERS_WEIGHT_NAME, atomic_save, read_metadata, read_safetensors, resolve_lora_path
 
@@ -127,6 +127,14 @@ def save_lora(
             title=title or target.stem, extra=metadata, resolution=resolution,
         )
     elif format == "diffusers":
+        lyco = sorted(weights.kinds() & set(lycoris.TITLES))
+        if lyco:
+            titles = "/".join(lycoris.TITLES[k] for k in lyco)
+            raise LoraFileError(
+                f"{titles} weights cannot be written in the diffusers/PEFT layout: diffusers loads only LoRA "
+                f"factors. Use the kohya/LyCORIS file (A1111/Forge and ComfyUI load it natively), or export with "
+                "--rank R for a plain-LoRA approximation (SVD, error recorded) that diffusers loads."
+            )
         if any(m.dora_scale is not None for _, _, m in weights.items()):
             raise LoraFileError(
                 "DoRA weights cannot be written in the diffusers/PEFT layout: PEFT keeps one magnitude per output "
@@ -190,13 +198,15 @@ def _base_label(unet: nn.Module | None, text_encoder: nn.Module | None = None) -
 def _mismatch(
     file: LoraFile, key: str, shape: tuple[int, ...], label: str, layer_text: str,
     expected: list[tuple[int, ...]], unet: nn.Module | None, text_encoder: nn.Module | None,
+    what: str | None = None,
 ) -> LoraShapeMismatchError:
     entries, _ = file_entries(file.tensors, file.format)
     family, reason = guess_family(entries, file.metadata)
     names = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "another base model"}
+    needs = "has a weight of shape" if what else "needs"
     return LoraShapeMismatchError(
-        f"{file.path}: key '{key}' has shape {list(shape)}, but layer '{label}' of the loaded base model "
-        f"({layer_text}) needs {' or '.join(str(list(s)) for s in expected)}. This LoRA looks made for "
+        f"{file.path}: {what or f'key {key!r} has shape {list(shape)}'}, but layer '{label}' of the loaded base model "
+        f"({layer_text}) {needs} {' or '.join(str(list(s)) for s in expected)}. This LoRA looks made for "
         f"{names[family]} ({reason}); the loaded base is {_base_label(unet, text_encoder)}. "
         "Load it with a base model of the same family."
     )
@@ -234,6 +244,46 @@ def _dora_scale(
     raise _mismatch(file, key, shape, label, layer_text, accepted, unet, text_encoder)
 
 
+def _match_lycoris(
+    file: LoraFile, weights: LoraWeights, unknown: list[str], models: dict[Component, nn.Module | None],
+    component: Component, canonical: str, parts: dict[str, tuple[str, torch.Tensor]], kinds: set,
+    unet: nn.Module | None, text_encoder: nn.Module | None,
+) -> None:
+    """Place one LoHa / LoKr module of a kohya-named file (see ``formats/lycoris.py``)."""
+    first_key = min(k for k, _ in parts.values())
+    if len(kinds) > 1 or "down" in parts or "up" in parts:
+        raise LoraFileError(f"{file.path}: module of key '{first_key}' mixes LoRA, LoHa and LoKr tensors.")
+    kind = next(iter(kinds))
+    if "dora_scale" in parts:
+        raise LoraFileError(
+            f"{file.path}: {lycoris.TITLES[kind]} module of key '{first_key}' has a dora_scale (LyCORIS dora_wd); "
+            f"{lycoris.TITLES[kind]} with DoRA is not supported here."
+        )
+    described = _layer(models, component, canonical)
+    if described is None:
+        unknown.extend(k for k, _ in parts.values())
+        return
+    kind_name, fan_in, fan_out, kernel = described
+    weight_shape = (fan_out, fan_in) if kind_name == "linear" else (fan_out, fan_in, *kernel)
+    label = f"{component}.{canonical}"
+    text = _layer_text(kind_name, fan_in, fan_out, kernel)
+    alpha = None
+    if "alpha" in parts:
+        try:
+            alpha = kohya.to_float(parts["alpha"][1])
+        except ValueError as exc:
+            raise LoraFileError(f"{file.path}: '{parts['alpha'][0]}' is not a usable alpha ({exc}).") from None
+    name = first_key.partition(".")[0]
+
+    def mismatch(what: str, suffix: str) -> Exception:
+        key = f"{name}.{suffix}"
+        return _mismatch(file, key, tuple(parts[suffix][1].shape), label, text, [weight_shape], unet, text_encoder,
+                         what=f"{lycoris.TITLES[kind]} module '{name}' has {what}")
+
+    tensors = {role: t for role, (_, t) in parts.items() if role != "alpha"}
+    weights.component(component)[canonical] = lycoris.build_module(kind, tensors, alpha, weight_shape, mismatch, name)
+
+
 def match_to_model(
     file: LoraFile, unet: nn.Module | None, text_encoder: nn.Module | None,
     text_encoder_2: nn.Module | None = None,
@@ -246,7 +296,8 @@ def match_to_model(
     Returns the weights and the keys that match no layer (``unknown`` keys: reported by callers,
     never applied). Raises :class:`LoraShapeMismatchError` naming the first key (in key order) whose
     shape does not fit, and :class:`LoraFileError` for modules of methods that cannot be applied
-    as plain LoRA (LoHa, LoKr, ...), incomplete modules, or a file with no matching key at all.
+    (OFT, GLoRA, ...), incomplete modules, or a file with no matching key at all. LoHa / LoKr modules
+    (LyCORIS layout) become ``ModuleLoha`` / ``ModuleLokr``.
     """
     models: dict[Component, nn.Module | None] = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     # Group tensors by module: {(component, canonical): {role: (key, tensor)}}
@@ -257,13 +308,14 @@ def match_to_model(
         for key in sorted(file.tensors):
             name, suffix = kohya.split_key(key)
             other = kohya.other_method(suffix)
-            if other:
+            if other and lycoris.kind_of(suffix) is None:
                 raise LoraFileError(
-                    f"{file.path} is a {other} file (key '{key}'); only plain LoRA / LoCon files "
-                    "(lora_down/lora_up) can be applied. `sdlora inspect` shows what it holds."
+                    f"{file.path} is a {other} file (key '{key}'); only LoRA / LoCon (lora_down/lora_up), LoHa and "
+                    "LoKr files can be applied. `sdlora inspect` shows what it holds."
                 )
             target = index.get(name)
-            role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale"}.get(suffix)
+            role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
+                    "dora_scale": "dora_scale"}.get(suffix) or (suffix if lycoris.kind_of(suffix) else None)
             if target is None or role is None:
                 unknown.append(key)
                 continue
@@ -294,6 +346,10 @@ def match_to_model(
                 "output channel, which this tool does not apply. DoRA files in the kohya/A1111 layout (dora_scale "
                 "[1, in]) are supported."
             )
+        lyco = {lycoris.kind_of(role) for role in parts} - {None}
+        if lyco:
+            _match_lycoris(file, weights, unknown, models, component, canonical, parts, lyco, unet, text_encoder)
+            continue
         if "down" not in parts or "up" not in parts:
             have = next(iter(parts.values()))[0]
             raise LoraFileError(f"{file.path}: module of key '{have}' lacks its lora_down or lora_up tensor.")
@@ -335,6 +391,9 @@ def match_to_model(
         for path, alpha in alphas.items():
             weights.component(component)[path].alpha = alpha
 
+    kinds = weights.kinds()
+    if len(kinds) == 1 and kinds <= set(lycoris.TITLES):
+        weights.method = next(iter(kinds))  # a LoHa / LoKr file: its modules decide the method
     if not len(weights):
         sample = unknown[0] if unknown else "none"
         raise LoraFileError(
@@ -367,6 +426,11 @@ def load_lora(
             f"{file.path}: {len(unknown)} key(s) match no layer of the loaded base model, e.g. {unknown[:3]}."
         )
     name = adapter_name or safe_adapter_name(file.path.stem, taken_names)
+    if len(weights.kinds()) > 1:
+        raise LoraFileError(
+            f"{file.path} mixes module kinds ({', '.join(sorted(weights.kinds()))}: e.g. LoRA and LoHa modules); "
+            "such files are not applied here."
+        )
     dora = [m.dora_scale is not None for _, _, m in weights.items()]
     if any(dora) and not all(dora):
         raise LoraFileError(

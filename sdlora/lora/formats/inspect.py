@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
-from . import diffusers_format, kohya
+from . import diffusers_format, kohya, lycoris
 from .io import read_safetensors, resolve_lora_path
 
 #: network modules of files no registered method claims (methods name their own: ``describe`` hooks)
@@ -84,15 +84,16 @@ def guess_family(entries: Mapping[str, Mapping[str, Any]], metadata: Mapping[str
     te2_width = Counter()
     for name, entry in entries.items():
         down = entry.get("down_shape")
-        if not down or len(down) < 2:
+        fan_in = down[1] if down and len(down) >= 2 else entry.get("fan_in")  # LoHa / LoKr: from their factors
+        if not fan_in:
             continue
         flat = name.replace(".", "_")
         if entry["component"] == "unet" and re.search(r"attn2_to_[kv]$", flat):
-            cross[down[1]] += 1
+            cross[fan_in] += 1
         if entry["component"] == "text_encoder" and flat.endswith("q_proj"):
-            te_width[down[1]] += 1
+            te_width[fan_in] += 1
         if entry["component"] == "text_encoder_2" and flat.endswith("q_proj"):
-            te2_width[down[1]] += 1
+            te2_width[fan_in] += 1
     widths = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
     if "text_encoder_2" in components:
         width = f", width {te2_width.most_common(1)[0][0]}" if te2_width else ""
@@ -156,9 +157,40 @@ def file_entries(tensors: Mapping[str, torch.Tensor], fmt: str) -> tuple[dict[st
             entry["up_shape"] = list(tensor.shape)
         elif role == "alpha":
             entry["alpha"] = float(tensor.float().item()) if tensor.numel() == 1 else None
+        elif lycoris.kind_of(role):
+            entry.setdefault("lycoris", {})[role] = list(tensor.shape)
+            entry.setdefault("dtype", str(tensor.dtype).replace("torch.", ""))
         elif kohya.other_method(role) and tensor.ndim >= 2:
             entry.setdefault("kind", "conv2d" if tensor.ndim == 4 else "linear")
+    for name, entry in entries.items():
+        shapes = entry.pop("lycoris", None)
+        if shapes:
+            _lycoris_entry(name, entry, shapes)
     return entries, stray
+
+
+#: module names of k x k / 1 x 1 Conv2d layers (diffusers and original UNet names), for LoHa / LoKr
+#: modules whose factors are flattened matrices (the shapes alone do not tell a conv from a Linear)
+_CONV3_NAME = re.compile(r"(_conv1|_conv2|samplers_\d+_conv|_in_layers_2|_out_layers_3|_\d+_op|_\d+_conv)$")
+_CONV1_NAME = re.compile(r"(_conv_shortcut|_skip_connection)$")
+
+
+def _lycoris_entry(name: str, entry: dict[str, Any], shapes: Mapping[str, list[int]]) -> None:
+    """Rank, layer kind and input width of a LoHa / LoKr module (from its shapes and, for flattened
+    conv factors, its name), so that inspect and the family guess treat it like a LoRA module."""
+    kind = lycoris.kind_of(next(iter(shapes)))
+    info = lycoris.entry_info(kind, shapes)  # type: ignore[arg-type]
+    if "rank" in info:
+        entry["rank"] = info["rank"]
+    flat = name.replace(".", "_")
+    if "kind" in info:
+        entry["kind"], entry["kernel"], entry["fan_in"] = info["kind"], info["kernel"], info["fan_in"]
+    elif _CONV3_NAME.search(flat) or _CONV1_NAME.search(flat):
+        kernel = [3, 3] if _CONV3_NAME.search(flat) else [1, 1]
+        entry["kind"], entry["kernel"] = "conv2d", kernel
+        entry["fan_in"] = info["flat_in"] // (kernel[0] * kernel[1])
+    else:
+        entry["kind"], entry["kernel"], entry["fan_in"] = "linear", None, info.get("flat_in")
 
 
 def _network_type(entries: Mapping[str, Mapping[str, Any]], metadata: Mapping[str, str]) -> str:
@@ -191,7 +223,8 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     ``base_family_reason``, ``modules`` (per component), ``layers`` (linear / conv2d /
     conv2d_3x3 counts), ``rank``/``alpha`` (most common) and ``ranks``/``alphas`` (all values),
     ``blocks`` (per block: modules, ranks, alphas), ``dtypes``, ``num_tensors``, ``stray_keys``
-    (keys of no LoRA module) and ``metadata`` (all header entries, JSON ones decoded).
+    (keys of no LoRA module), ``metadata`` (all header entries, JSON ones decoded), and for LoHa /
+    LoKr files ``loaders`` (which tools load it) and ``diffusers_loads`` (False; None otherwise).
     """
     file = resolve_lora_path(path)
     tensors, metadata = read_safetensors(file)
@@ -205,6 +238,8 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     for entry in entries.values():
         if "rank" in entry and entry.get("alpha") is None:
             entry["alpha"] = float(entry["rank"])
+        if "rank" not in entry and entry.get("alpha") is not None and "fan_in" in entry:
+            entry.pop("alpha")  # a LoKr module of two full matrices: no rank, its alpha is not applied
 
     family, reason = guess_family(entries, metadata)
     blocks: dict[str, dict[str, Any]] = defaultdict(lambda: {"modules": 0, "ranks": set(), "alphas": set()})
@@ -233,7 +268,10 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
                 pass
         decoded[key] = value
     method = metadata.get("sdlora_method") or re.sub(r"[^a-z0-9]+", "-", network_type.lower().split(" (")[0]).strip("-")
+    lyco = network_type in lycoris.TITLES.values()
     return {
+        "loaders": lycoris.LOADERS if lyco else None,
+        "diffusers_loads": False if lyco else None,
         "path": str(file),
         "file_size": Path(file).stat().st_size,
         "format": fmt,
@@ -278,6 +316,8 @@ def format_inspection(info: Mapping[str, Any]) -> str:
         lines.append(f"              all ranks {info['ranks']}, all alphas {[float(f'{a:g}') for a in info['alphas']]}")
     if info.get("network_args"):
         lines.append(f"network args: {json.dumps(info['network_args'])}")
+    if info.get("loaders"):
+        lines.append(f"loads in:     {info['loaders']}")
     lines.append("blocks:")
     for name, block in info["blocks"].items():
         ranks = ",".join(str(r) for r in block["ranks"])

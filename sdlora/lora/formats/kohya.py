@@ -3,7 +3,8 @@
 Layout (what A1111, Forge, ComfyUI and kohya's sd-scripts load for SD 1.x/2.x):
 
 * key ``<module>.lora_down.weight``, ``<module>.lora_up.weight``, ``<module>.alpha`` (0-dim),
-  ``<module>.dora_scale`` for DoRA;
+  ``<module>.dora_scale`` for DoRA; LoHa / LoKr modules hold LyCORIS's ``hada_*`` / ``lokr_*``
+  tensors instead of ``lora_down``/``lora_up`` (see ``formats/lycoris.py``);
 * SD 1.x/2.x: ``<module>`` is ``lora_unet_`` + the diffusers UNet path with ``.`` -> ``_``, or
   ``lora_te_text_model_`` + the CLIP text-model path (the ``text_model_`` part is required by
   A1111 and kohya even though transformers 5 has no ``text_model`` level).
@@ -36,6 +37,7 @@ from torch import nn
 from ..targets import LAYOUT_KEYS, Component, iter_adaptable, unet_layout
 from ..weights import LoraWeights, ModuleLora
 from ...models.unet_names import original_module_paths, to_original
+from . import lycoris
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_text_model_"
@@ -128,10 +130,13 @@ def to_state_dict(weights: LoraWeights, dtype: torch.dtype, family: str = "sd1")
     out: dict[str, torch.Tensor] = {}
     for component, path, module in weights.items():
         name = module_name(component, path, family, layout)  # type: ignore[arg-type]
-        if f"{name}.lora_down.weight" in out:
+        if f"{name}.alpha" in out:
             raise ValueError(f"two layers map to the kohya module name {name!r}")
-        out[f"{name}.lora_down.weight"] = module.down.detach().to("cpu", dtype).contiguous()
-        out[f"{name}.lora_up.weight"] = module.up.detach().to("cpu", dtype).contiguous()
+        if isinstance(module, ModuleLora):
+            out[f"{name}.lora_down.weight"] = module.down.detach().to("cpu", dtype).contiguous()
+            out[f"{name}.lora_up.weight"] = module.up.detach().to("cpu", dtype).contiguous()
+        else:  # LoHa / LoKr factors in the LyCORIS layout
+            out.update({f"{name}.{suffix}": t for suffix, t in lycoris.module_tensors(module, dtype).items()})
         out[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
         if module.dora_scale is not None:
             out[f"{name}.dora_scale"] = module.dora_scale.detach().to("cpu", dtype).contiguous()
@@ -189,12 +194,14 @@ def _fmt_number(x: float) -> str:
 
 def derived_network_values(weights: LoraWeights) -> dict[str, Any]:
     """kohya's network_dim/alpha (Linear and 1x1 layers) and conv_dim/conv_alpha (larger kernels)."""
-    def big_kernel(m: ModuleLora) -> bool:
-        return m.is_conv and tuple(m.down.shape[2:]) != (1, 1)
+    def big_kernel(m: Any) -> bool:
+        return m.is_conv and tuple(m.kernel_size) != (1, 1)
 
-    linear = [m for _, _, m in weights.items() if not big_kernel(m)]
-    conv = [m for _, _, m in weights.items() if big_kernel(m)]
-    unet_linear = [m for m in weights.unet.values() if not big_kernel(m)] or linear
+    # a LoKr layer of two full matrices has no rank (scale 1): it says nothing about network_dim
+    modules = [m for _, _, m in weights.items() if m.rank is not None]
+    linear = [m for m in modules if not big_kernel(m)]
+    conv = [m for m in modules if big_kernel(m)]
+    unet_linear = [m for m in weights.unet.values() if m.rank is not None and not big_kernel(m)] or linear
     dim = _most_common([m.rank for m in unet_linear], None)
     alpha = _most_common([m.alpha for m in unet_linear if m.rank == dim], None)
     out: dict[str, Any] = {"dim": dim, "alpha": alpha}
@@ -293,13 +300,16 @@ def build_metadata(
     info = weights.info
     net = derived_network_values(weights)
     network_args: dict[str, str] = {}
+    algos = weights.kinds() & set(lycoris.TITLES)
+    if len(algos) == 1:  # LyCORIS's kohya network records its algorithm
+        network_args["algo"] = algos.pop()
     if "conv_dim" in net:
         network_args["conv_dim"] = _fmt_number(net["conv_dim"])
         network_args["conv_alpha"] = _fmt_number(net["conv_alpha"])
     network_args.update({k: _stringify(v) for k, v in dict(info.get("network_args") or {}).items()})
 
     meta: dict[str, Any] = {
-        "ss_network_module": info.get("network_module") or "networks.lora",
+        "ss_network_module": info.get("network_module") or ("lycoris.kohya" if "algo" in network_args else "networks.lora"),
         "ss_network_dim": net["dim"],
         "ss_network_alpha": float(net["alpha"]) if net["alpha"] is not None else None,
         "ss_base_model_version": base_model_version(family, pred),

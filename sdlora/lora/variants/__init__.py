@@ -23,6 +23,8 @@ _REGISTRY: dict[str, str] = {
     "dylora": ".dylora:DyLora",
     "lora_drop": ".lora_drop:LoraDrop",
     "delta_lora": ".delta_lora:DeltaLora",
+    "loha": ".loha:Loha",
+    "lokr": ".lokr:Lokr",
 }
 
 _instances: dict[str, AdapterMethod] = {}

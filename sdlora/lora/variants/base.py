@@ -130,6 +130,30 @@ class AdapterMethod(ABC):
         return {}
 
     # File hooks -----------------------------------------------------------------------------------
+    def load_modules(self, model: nn.Module, plan: TargetPlan, spec: LoraSpec, adapter_name: str,
+                     modules: Mapping[str, Any]) -> None:
+        """Put a file's modules (canonical path -> module of this method's kind) into ``model`` as
+        adapter ``adapter_name`` on ``plan``'s layers, frozen. Default: plain LoRA layers holding
+        ``down``/``up`` (``apply_weights`` calls this for plain LoRA files)."""
+        import torch
+
+        from .. import control
+        from ..targets import canonical_path
+
+        self.inject(model, plan, spec, adapter_name)
+        with torch.no_grad():
+            for path, layer in control.tuner_layers(model):
+                canonical = canonical_path(plan.component, path)
+                if canonical not in modules or adapter_name not in layer.r:  # type: ignore[attr-defined]
+                    continue
+                src = modules[canonical]
+                a = layer.lora_A[adapter_name].weight  # type: ignore[attr-defined]
+                b = layer.lora_B[adapter_name].weight  # type: ignore[attr-defined]
+                a.copy_(src.down.reshape(a.shape).to(a.dtype))  # [a, b] <-> [a, b, 1, 1] where needed
+                b.copy_(src.up.reshape(b.shape).to(b.dtype))
+                a.requires_grad_(False)
+                b.requires_grad_(False)
+
     def reduce_rank(self, weights: LoraWeights, rank: int) -> LoraWeights:
         """A copy of this method's exported ``weights`` with every layer above ``rank`` brought down
         to ``rank`` (``export --rank``). Default: the best rank-``rank`` approximation of each layer's
