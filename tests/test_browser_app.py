@@ -192,6 +192,14 @@ def test_browser_end_to_end(app, browser, artifacts_dir, tmp_path):
                            " return p && p.innerText.includes('browser-run'); })()", timeout=30_000)
     st = ui.progress()
     assert st["state"] in ("running", "done") and int(st["step"]) >= before, st
+    # The form comes back as it was (browser storage): the base, the options typed in, and the run name,
+    # which moves on to a free one since "browser-run" exists now.
+    ui.wait("document.querySelector('#cfg-max_train_steps input[type=number]').value === '30'", timeout=15_000)
+    assert page.locator("#cfg-network_dim input[type=number]").input_value() == "4"
+    assert page.locator("#tr-run-name textarea, #tr-run-name input").first.input_value() == "browser-run-2"
+    assert "tiny" in page.locator("#tr-base input").input_value().lower()
+    page.locator("#tr-advanced button, #tr-advanced").first.click()
+    assert page.locator("#cfg-sample_every_n_steps input[type=number]").input_value() == "15"
     ui.wait(f"+document.querySelector('#sdl-progress').dataset.step > {int(st['step'])} || "
                            "document.querySelector('#sdl-progress').dataset.state === 'done'", timeout=120_000)
     ui.wait("document.querySelector('#sdl-progress').dataset.state === 'done'", timeout=240_000)

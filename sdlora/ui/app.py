@@ -47,21 +47,22 @@ class App:
             self.export.wire()
 
             load_outputs = [c for tab in self.tabs for c in tab.load_outputs] + [self.tabs_block]
-            loaded = demo.load(self.on_load, inputs=None, outputs=load_outputs, api_visibility="private")
+            loaded = demo.load(self.on_load, inputs=[self.train.saved], outputs=load_outputs,
+                               api_visibility="private")
             self.train.redraw_live(loaded)
             loaded.then(guarded(self.dataset.show_dataset), inputs_kwargs=self.dataset.inputs_kw,
                         outputs=[self.dataset.gallery, self.dataset.check, self.dataset.items],
                         api_visibility="private", show_progress="hidden")
         return demo
 
-    def on_load(self) -> dict:
-        """A fresh page: every tab fills its lists (models folder, datasets, runs); while a training
-        runs, the page opens on the Train tab."""
+    def on_load(self, saved_form: dict | None = None) -> dict:
+        """A fresh page: every tab fills its lists (models folder, datasets, runs), the Train form comes
+        back as the browser kept it (``saved_form``); while a training runs, the page opens on the Train tab."""
         from ..train import active_run
 
         out: dict = {}
         for tab in self.tabs:
-            out.update(tab.on_load())
+            out.update(tab.on_load(saved_form) if tab is self.train else tab.on_load())
         if active_run(self.ctx.runs_dir) is not None:
             out[self.tabs_block] = gr.Tabs(selected="train")  # a training runs: open on its progress
         return out

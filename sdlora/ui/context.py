@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,17 @@ class AppContext:
         self.preview_lock = threading.Lock()
         self._previewer: Any = None
         self._previewer_base: str | None = None
+
+    def browser_secret(self) -> str:
+        """The key the browser's saved form is encrypted with: kept in the runs folder (owner-only), so
+        the saved values survive an app restart and another app's page cannot read them."""
+        import secrets
+
+        path = self.runs_dir / ".ui-secret"
+        try:
+            return path.read_text().strip() or _new_secret(path, secrets.token_hex(16))
+        except FileNotFoundError:
+            return _new_secret(path, secrets.token_hex(16))
 
     # ---- base models ------------------------------------------------------------------------
     def base_models(self) -> list[BaseChoice]:
@@ -130,3 +142,11 @@ class AppContext:
             self._previewer_base = base
         self._previewer.set_loras(loras)
         return self._previewer
+
+
+def _new_secret(path: Path, value: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    return value

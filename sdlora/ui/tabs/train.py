@@ -26,6 +26,10 @@ RESOLUTION_FIELDS = ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket
 RATE_FIELDS = ("learning_rate", "text_encoder_lr")
 
 
+#: Where the browser keeps the Train form between visits (localStorage), so a reload or an app restart
+#: brings back the last values (base model, preset, run name, dataset, every option).
+FORM_STORAGE_KEY = "sdlora-train-form"
+
 #: After Start or Resume the run's progress comes into view (the form above it is long).
 SHOW_PROGRESS_JS = ("() => { const el = document.querySelector('#tr-message');"
                     " if (el) el.scrollIntoView({behavior: 'smooth', block: 'start'}); }")
@@ -112,6 +116,7 @@ class TrainTab:
                                         column_widths=["18%", "10%", "10%", "47%", "15%"])
         self.timer = gr.Timer(1.0)
         self.poll_state = gr.State(None)
+        self.saved = gr.BrowserState({}, storage_key=FORM_STORAGE_KEY, secret=ctx.browser_secret())
         #: The values the page set last (form fields, trigger word, preview prompt): a field still
         #: holding its value follows the next base or preset, a field the user changed stays.
         self.applied = gr.State(start)
@@ -125,10 +130,15 @@ class TrainTab:
                           self.applied]
         follow_inputs = dict(base=self.base, preset=self.preset, applied=self.applied, trigger_word=dataset.trigger,
                              prompt=preview.prompt, **self.cfg)
+        remember = dict(fn=self.remember, inputs_kwargs=dict(base=self.base, preset=self.preset, run_name=self.run_name,
+                                                             dataset=self.dataset, applied=self.applied, **self.cfg),
+                        outputs=self.saved, show_progress="hidden", api_visibility="private", queue=False)
         self.preset.input(self.apply_preset, inputs_kwargs=follow_inputs, outputs=follow_outputs,
-                          api_visibility="private")
+                          api_visibility="private").then(**remember)
         self.base.input(self.base_changed, inputs_kwargs=follow_inputs, outputs=follow_outputs,
-                        api_visibility="private")
+                        api_visibility="private").then(**remember)
+        gr.on([c.input for c in (self.run_name, self.dataset, *self.cfg.values())], trigger_mode="always_last",
+              **remember)
         self.start.click(self.start_training,
                          inputs_kwargs=dict(pretrained_model_name_or_path=self.base, output_name=self.run_name,
                                             dataset=self.dataset, trigger_word=dataset.trigger, **self.cfg),
@@ -156,20 +166,42 @@ class TrainTab:
 
     @property
     def load_outputs(self) -> list[gr.components.Component]:
-        return [self.base, self.dataset, self.watch, self.run_name]
+        return [self.base, self.dataset, self.watch, self.run_name, self.preset, self.applied, *self.cfg.values()]
 
-    def on_load(self) -> dict:
+    def on_load(self, saved: dict | None = None) -> dict:
         """A fresh page: the base models and datasets there are now (the newest with images chosen), the
-        run to watch, a free run name."""
+        run to watch, a free run name; then the form as the browser last saw it (``saved``, see
+        :meth:`remember`), as far as its values still fit (a base model or dataset that is gone is not
+        brought back, nor a value out of range)."""
         base_choices, base_value = self.ctx.base_dropdown()
         datasets = ds.list_datasets(self.ctx.runs_dir)
         usable = [d for d in datasets if ds.image_files(ds.dataset_dir(self.ctx.runs_dir, d))]
         names = [r[0] for r in runview.runs_table(self.ctx.runs_dir)]
         first = (usable or datasets or [None])[0]
-        return {self.base: gr.update(choices=base_choices, value=base_value),
-                self.dataset: gr.update(choices=datasets, value=first),
-                self.watch: gr.update(choices=names, value=runview.watched_default(self.ctx.runs_dir)),
-                self.run_name: self._free_run_name("my-style")}
+        saved = saved if isinstance(saved, dict) else {}
+        if saved.get("base") in {value for _, value in base_choices}:
+            base_value = saved["base"]
+        if saved.get("dataset") in usable:
+            first = saved["dataset"]
+        stem = safe_name(str(saved.get("run_name") or ""), default="my-style")
+        out = {self.base: gr.update(choices=base_choices, value=base_value),
+               self.dataset: gr.update(choices=datasets, value=first),
+               self.watch: gr.update(choices=names, value=runview.watched_default(self.ctx.runs_dir)),
+               self.run_name: self._free_run_name(stem)}
+        if saved.get("preset") in dict(form.available_presets()).values():
+            out[self.preset] = saved["preset"]
+        for key, value in (saved.get("cfg") or {}).items():
+            if key in self.cfg and _fits(key, value):
+                out[self.cfg[key]] = value
+        if isinstance(saved.get("applied"), dict):
+            out[self.applied] = saved["applied"]
+        return out
+
+    def remember(self, base: str | None = None, preset: str | None = None, run_name: str = "",
+                 dataset: str | None = None, applied: dict | None = None, **cfg: Any) -> dict:
+        """What the browser keeps of the form (see ``FORM_STORAGE_KEY``): written on every edit."""
+        return {"base": base, "preset": preset, "run_name": run_name, "dataset": dataset,
+                "applied": applied or {}, "cfg": cfg}
 
     def _free_run_name(self, stem: str) -> str:
         """``stem``, or ``stem-2``, ``stem-3``... : the first name no run uses yet."""
@@ -359,3 +391,12 @@ class TrainTab:
         changes = defaults.follow_base(state, applied, new, keys=keys)
         changes.update(width=new["width"], height=new["height"])
         return self._follow(new, changes, applied or {})
+
+
+def _fits(key: str, value: Any) -> bool:
+    """Whether a stored form value is still a valid value of option ``key``."""
+    try:
+        form.settings_from_form({key: value})
+    except Exception:  # noqa: BLE001 - any refusal means: keep the page's own value
+        return False
+    return True
