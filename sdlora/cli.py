@@ -170,6 +170,83 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# tools: merge-into, combine, resize, extract (sdlora.tools)
+def _tool_progress(enabled: bool, what: str) -> Callable[[int, int, str], None]:
+    """A tqdm bar on a terminal, else a line on stderr every few seconds."""
+    import time
+
+    state: dict[str, Any] = {"bar": None, "total": None, "last": 0.0}
+
+    def progress(done: int, total: int, label: str) -> None:
+        if total <= 1 and done == 0:  # a stage, not a loop (loading, writing)
+            if state["bar"] is not None:
+                state["bar"].close()
+                state["bar"] = None
+            print(f"{what}: {label}", file=sys.stderr, flush=True)
+            return
+        if enabled:
+            from tqdm import tqdm
+
+            if state["bar"] is None or state["total"] != total:
+                if state["bar"] is not None:
+                    state["bar"].close()
+                state["bar"] = tqdm(total=total, unit="layer", desc=what, dynamic_ncols=True, file=sys.stderr)
+                state["total"] = total
+            state["bar"].n = done
+            state["bar"].refresh()
+            if done >= total:
+                state["bar"].close()
+                state["bar"] = None
+        elif time.monotonic() - state["last"] > 5 or done == total:
+            state["last"] = time.monotonic()
+            print(f"{what}: {done}/{total} layers ({label})", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def _print_report(report: Any, table: bool) -> None:
+    if table and report.rows:
+        print(report.table())
+    print(report.summary)
+
+
+def cmd_merge_into(a: argparse.Namespace) -> int:
+    from .tools import merge_into
+
+    report = merge_into(a.base, a.lora, a.out, format=a.format, dtype=a.dtype, allow_unknown=a.skip_unknown,
+                        progress=_tool_progress(sys.stderr.isatty(), "merge-into"))
+    _print_report(report, a.verbose)
+    return 0
+
+
+def cmd_combine(a: argparse.Namespace) -> int:
+    from .tools import combine_loras
+
+    report = combine_loras(a.loras, a.out, rank=a.rank, format=a.format, dtype=a.dtype, base=a.base,
+                           progress=_tool_progress(sys.stderr.isatty(), "combine"))
+    _print_report(report, a.rank is not None or a.verbose)
+    return 0
+
+
+def cmd_resize(a: argparse.Namespace) -> int:
+    from .tools import resize_lora
+
+    report = resize_lora(a.file, a.out, rank=a.rank, dynamic=a.dynamic, conv_rank=a.conv_rank, format=a.format,
+                         dtype=a.dtype, base=a.base, progress=_tool_progress(sys.stderr.isatty(), "resize"))
+    _print_report(report, True)
+    return 0
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    from .tools import extract_lora
+
+    report = extract_lora(a.base, a.tuned, a.out, rank=a.rank, conv_rank=a.conv_rank, threshold=a.threshold,
+                          format=a.format, dtype=a.dtype, progress=_tool_progress(sys.stderr.isatty(), "extract"))
+    _print_report(report, True)
+    return 0
+
+
 def cmd_tiny_model(a: argparse.Namespace) -> int:
     from .models.tiny import save_tiny_model
 
@@ -248,6 +325,75 @@ def build_parser() -> argparse.ArgumentParser:
                    "is not SD 1.x/2.x-sized (a run directory uses its own)")
     e.set_defaults(func=cmd_export)
 
+    _DT = ["fp32", "fp16", "bf16"]
+    mi = sub.add_parser(
+        "merge-into", help="bake LoRAs into a base model (a single .safetensors or a diffusers folder)",
+        description="Merge LoRA files into a base model: every adapted layer becomes W + sum of weight x LoRA delta "
+                    "(DoRA files as A1111/ComfyUI apply them). Writes one .safetensors in the original A1111/ComfyUI "
+                    "layout (loads in A1111/Forge, ComfyUI, kohya, diffusers' from_single_file and sdlora) or a "
+                    "diffusers folder. See docs/tools.md.")
+    mi.add_argument("base", metavar="BASE", help="base model: demo, a diffusers folder, a .safetensors/.ckpt file or a cached hub id")
+    mi.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
+                    help="LoRA file (kohya or diffusers layout) with its weight, e.g. style.safetensors:0.8 (repeatable; default weight 1)")
+    mi.add_argument("--out", required=True, help="output: NAME.safetensors (single file) or a folder name (diffusers)")
+    mi.add_argument("--format", choices=["single", "diffusers"], default=None, help="default: from --out (.safetensors = single)")
+    mi.add_argument("--dtype", choices=_DT, default="fp16", help="precision of the written weights (default fp16)")
+    mi.add_argument("--skip-unknown", action="store_true", help="merge what fits when a LoRA has keys that match no layer (default: refuse)")
+    mi.add_argument("--verbose", action="store_true", help="also print a row per changed layer")
+    mi.set_defaults(func=cmd_merge_into)
+
+    co = sub.add_parser(
+        "combine", help="combine several LoRAs into one (exact, or best rank R by SVD)",
+        description="Combine LoRA files into one holding the weighted sum of their deltas. Without --rank the ranks are "
+                    "concatenated (exact; the rank is the sum). With --rank R each layer keeps the best rank-R "
+                    "approximation (SVD) and the relative error is printed per layer and overall. DoRA files are "
+                    "refused. No base model is needed for SD 1.x/2.x/XL files. See docs/tools.md.")
+    co.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]", help="LoRA files with weights, e.g. a.safetensors:1 b.safetensors:0.5")
+    co.add_argument("--out", required=True, help="output file (.safetensors; a folder for --format diffusers)")
+    co.add_argument("--rank", type=int, default=None, help="rank of the result (SVD); default: exact concatenation")
+    co.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    co.add_argument("--dtype", choices=_DT, default=None, help="precision (default: the inputs' own when they agree, else fp32)")
+    co.add_argument("--base", default=None, help="base model that names the layers of files made for a model that is not "
+                    "SD 1.x/2.x/XL-sized (e.g. demo)")
+    co.add_argument("--verbose", action="store_true", help="print a row per layer also without --rank")
+    co.set_defaults(func=cmd_combine)
+
+    rs = sub.add_parser(
+        "resize", help="change a LoRA's rank: fixed (--rank) or per layer from its singular values (--dynamic)",
+        description="Resize a LoRA file like kohya's resize_lora.py. --rank R: every layer above R gets the best rank-R "
+                    "approximation. --dynamic sv_fro=F | sv_ratio=T | sv_cumulative=C: a rank per layer from its "
+                    "singular values (with --rank R as the largest rank). Conv2d layers included. Prints each layer's "
+                    "ranks and error and a summary. See docs/tools.md.")
+    rs.add_argument("file", metavar="FILE", help="LoRA file (kohya or diffusers layout)")
+    rs.add_argument("--rank", type=int, default=None, help="new rank (with --dynamic: the largest rank a layer gets)")
+    rs.add_argument("--dynamic", metavar="METHOD=VALUE", default=None,
+                    help="sv_fro=0.9 (keep 90%% of each layer's Frobenius norm), sv_ratio=10 (singular values above "
+                         "1/10 of the largest), sv_cumulative=0.9 (90%% of the sum of singular values)")
+    rs.add_argument("--conv-rank", type=int, default=None, help="rank (or cap) of 3x3 Conv2d layers (default: --rank)")
+    rs.add_argument("--out", required=True, help="output file (.safetensors; a folder for --format diffusers)")
+    rs.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    rs.add_argument("--dtype", choices=_DT, default=None, help="precision (default: the file's own)")
+    rs.add_argument("--base", default=None, help="base model naming the layers of files not made for SD 1.x/2.x/XL (e.g. demo)")
+    rs.set_defaults(func=cmd_resize)
+
+    ex = sub.add_parser(
+        "extract", help="extract a LoRA from the difference of two checkpoints of one family",
+        description="Extract a LoRA from TUNED minus BASE: each LoRA-targeted layer (UNet attention, feed-forward, "
+                    "resnet/sampler convs; text encoder attention and MLP) gets the SVD of its weight difference at "
+                    "--rank (--conv-rank for 3x3 convs). Layers whose largest difference is at most --threshold are "
+                    "left out and counted. See docs/tools.md.")
+    ex.add_argument("--base", required=True, help="the original model (folder, single file, cached hub id)")
+    ex.add_argument("--tuned", required=True, help="the fine-tuned model of the same family")
+    ex.add_argument("--rank", type=int, required=True, help="rank of Linear and 1x1 layers")
+    ex.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 Conv2d layers (default: --rank; 0 leaves "
+                    "resnet and sampler layers out, as kohya does without --conv_dim)")
+    ex.add_argument("--threshold", type=float, default=1e-4, help="leave out layers whose largest absolute weight "
+                    "difference is at most this (default 1e-4)")
+    ex.add_argument("--out", required=True, help="output file (.safetensors; a folder for --format diffusers)")
+    ex.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    ex.add_argument("--dtype", choices=_DT, default="fp16", help="precision of the LoRA (default fp16)")
+    ex.set_defaults(func=cmd_extract)
+
     m = sub.add_parser("tiny-model", help="write a tiny random-weight SD 1.x or SDXL model (diffusers folder) for tests")
     m.add_argument("dir")
     m.add_argument("--seed", type=int, default=0)
@@ -299,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models.loading import ModelLoadError
 
     errors += (LoraError, ModelLoadError, TrainingError, DatasetError, RunExportError, RunBusyError)
-    if args.command in ("train", "generate", "export", "tiny-model"):
+    if args.command in ("train", "generate", "export", "tiny-model", "merge-into", "extract"):
         _quiet_model_loading()
     try:
         return args.func(args)
