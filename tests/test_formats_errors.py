@@ -58,17 +58,17 @@ def test_truncated_file(good_file, tmp_path):
 
 
 def test_method_that_cannot_be_applied_and_stray_keys(tmp_path, tiny_pipe):
-    loha = tmp_path / "loha.safetensors"
+    # LoHa and LoKr files are applied (test_variants_lycoris.py); LyCORIS's OFT is not
+    oft = tmp_path / "oft.safetensors"
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     save_file(
-        {f"{name}.hada_w1_a": torch.ones(32, 2), f"{name}.hada_w1_b": torch.ones(2, 32),
-         f"{name}.hada_w2_a": torch.ones(32, 2), f"{name}.hada_w2_b": torch.ones(2, 32), f"{name}.alpha": torch.tensor(2.0)},
-        str(loha),
-        metadata={"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "loha"}'},
+        {f"{name}.oft_blocks": torch.zeros(4, 8, 8), f"{name}.alpha": torch.tensor(2.0)},
+        str(oft),
+        metadata={"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "diag-oft"}'},
     )
-    assert inspect_file(loha)["network_type"] == "LoHa"
-    with pytest.raises(LoraFileError, match="LoHa"):
-        load_lora(loha, tiny_pipe.unet, tiny_pipe.text_encoder)
+    assert inspect_file(oft)["network_type"] == "OFT"
+    with pytest.raises(LoraFileError, match="OFT"):
+        load_lora(oft, tiny_pipe.unet, tiny_pipe.text_encoder)
     assert not any(hasattr(m, "lora_A") for m in tiny_pipe.unet.modules())
 
     half = tmp_path / "half.safetensors"

@@ -35,7 +35,7 @@ def _spec(method: str) -> LoraSpec:
 
 
 #: methods whose exported file equals the trained adapter exactly after one step
-EXACT = {"lora", "dora", "lora_fa", "vera", "adalora", "dylora", "lora_drop", "delta_lora"}
+EXACT = {"lora", "dora", "lora_fa", "vera", "adalora", "dylora", "lora_drop", "delta_lora", "loha", "lokr"}
 
 
 @pytest.mark.parametrize("method", method_names())

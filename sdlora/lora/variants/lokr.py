@@ -5,9 +5,13 @@ Each layer's ``[out, in]`` weight is split as ``out = a * b``, ``in = c * d`` (`
 split closest to it, -1 = closest to the square root) and the layer adds
 ``delta W = kron(w1, w2) * scale`` with a small ``w1 [a, c]`` and a larger ``w2 [b, d * kh * kw]``.
 ``w2`` is a rank-``r`` product ``w2_a @ w2_b`` unless ``r`` is at least half its larger side (then a
-full matrix); with ``decompose_both`` ``w1`` is decomposed the same way. k x k Conv2d layers with
-``use_effective_conv2d`` (LyCORIS ``use_tucker``) keep ``w2`` as a Tucker core
-``lokr_t2 [r, r, kh, kw]`` with ``w2_a [r, b]``, ``w2_b [r, d]``.
+full matrix); with ``decompose_both`` ``w1`` is decomposed the same way.
+
+Tucker cores (PEFT ``use_effective_conv2d``, LyCORIS ``use_tucker``: ``lokr_t2 [r, r, kh, kw]``
+with ``w2_a [r, b]``, ``w2_b [r, d]``) are not trained: ComfyUI's ``comfy/weight_adapter/lokr.py``
+hands the rebuilt core (a non-contiguous einsum result) to ``torch.kron`` without making it
+contiguous, which torch refuses ("view size is not compatible"), so ComfyUI would skip every such
+layer. Files holding them (from LyCORIS) are still read and applied here.
 
 Scale: PEFT applies ``alpha / r`` to every layer. A1111/ComfyUI (and LyCORIS) apply ``alpha / r``
 only when a factor is decomposed and 1 when both are full matrices, so for those layers the export
@@ -55,6 +59,11 @@ class Lokr(LycorisMethod):
                 f">= 1 (the size of the small Kronecker factor), got {factor!r}."
             )
         _bool_option(spec, self.title, "decompose_both")
+        if self.use_tucker(spec):
+            raise LoraError(
+                "LoKr option 'use_effective_conv2d' / 'use_tucker' is not offered: ComfyUI's LoKr loader fails on "
+                "the Tucker cores (lokr_t2) it writes and would skip those layers. Leave it false (LoHa has it)."
+            )
 
     def build_config(self, plan: TargetPlan, spec: LoraSpec) -> "LoKrConfig":
         from peft import LoKrConfig
@@ -65,7 +74,7 @@ class Lokr(LycorisMethod):
             target_modules=plan.target_regex(),
             rank_pattern=plan.rank_pattern(),
             alpha_pattern=plan.alpha_pattern(),
-            use_effective_conv2d=self.use_tucker(spec),
+            use_effective_conv2d=False,
             decompose_both=bool(spec.options.get("decompose_both", False)),
             decompose_factor=int(spec.options.get("factor", DEFAULT_FACTOR)),
             init_weights="lycoris",
