@@ -114,12 +114,14 @@ class TrainTab:
             self.runs_df = gr.Dataframe(headers=runview.RUNS_HEADERS, value=runview.runs_table(ctx.runs_dir),
                                         label="Runs", interactive=False, wrap=True, elem_id="tr-runs",
                                         column_widths=["18%", "10%", "10%", "47%", "15%"])
-        self.timer = gr.Timer(1.0)
-        self.poll_state = gr.State(None)
-        self.saved = gr.BrowserState({}, storage_key=FORM_STORAGE_KEY, secret=ctx.browser_secret())
-        #: The values the page set last (form fields, trigger word, preview prompt): a field still
-        #: holding its value follows the next base or preset, a field the user changed stays.
-        self.applied = gr.State(start)
+            # Non-visual components live inside the tab: a Tabs' direct child takes a slot in gradio's tab bar
+            # (it drew tabs twice).
+            self.timer = gr.Timer(1.0)
+            self.poll_state = gr.State(None)
+            self.saved = gr.BrowserState({}, storage_key=FORM_STORAGE_KEY, secret=ctx.browser_secret())
+            #: The values the page set last (form fields, trigger word, preview prompt): a field still
+            #: holding its value follows the next base or preset, a field the user changed stays.
+            self.applied = gr.State(start)
 
     # ---- events ---------------------------------------------------------------------------------
     def wire(self, dataset: DatasetTab, preview: PreviewTab) -> None:
