@@ -187,7 +187,8 @@ def make_component(info: dict[str, Any]) -> gr.components.Component:
     name, typ, default = info["name"], info["type"], info["default"]
     common = dict(label=_label(info), info=info["help"] + _range_text(info), elem_id=f"cfg-{name}", key=f"cfg-{name}")
     if typ == "bool":
-        return gr.Checkbox(value=bool(default), **common)
+        # Wider than gradio's 160 px least width: on a phone a checkbox and its help get a row of their own.
+        return gr.Checkbox(value=bool(default), min_width=220, **common)
     if info.get("choices"):
         # Custom values pass to the config's own check, whose message names the option.
         choices = [(c if c else "(none)", c) for c in info["choices"]]
@@ -201,7 +202,7 @@ def make_component(info: dict[str, Any]) -> gr.components.Component:
     if typ == "list":
         return gr.Textbox(value=display_value(info, default), lines=2, max_lines=8,
                           placeholder="one a line", **common)
-    return gr.Textbox(value=display_value(info, default), **common)
+    return gr.Textbox(value=display_value(info, default), min_width=220, **common)
 
 
 def _range_text(info: dict[str, Any]) -> str:

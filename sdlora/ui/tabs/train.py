@@ -64,9 +64,9 @@ class TrainTab:
                 self.base = gr.Dropdown(choices=base_choices, value=base_value, label="Base model",
                                         info=f"The bundled demo model and the models in the app's models folder "
                                              f"({ctx.models_dir.name}/).",
-                                        elem_id="tr-base", scale=3, allow_custom_value=True)
+                                        elem_id="tr-base", scale=3, allow_custom_value=True, min_width=300)
                 self.preset = gr.Radio(choices=form.available_presets(), value=defaults.DEFAULT_PRESET,
-                                       label="Preset", elem_id="tr-preset", scale=3,
+                                       label="Preset", elem_id="tr-preset", scale=3, min_width=300,
                                        info="Style: the values that show a style on the chosen base model "
                                             "(they follow the base; values you change stay).")
             with gr.Row():
@@ -105,9 +105,9 @@ class TrainTab:
                 self.loss_plot = gr.LinePlot(runview.loss_frame([]), x="step", y="loss", color="series",
                                              color_map=runview.LOSS_COLORS, title="Loss", x_title="step",
                                              y_title="loss",
-                                             height=260, elem_id="tr-loss", scale=3)
+                                             height=260, elem_id="tr-loss", scale=3, min_width=320)
                 self.samples = gr.Gallery(label="Newest samples", columns=3, height=260, object_fit="contain",
-                                          elem_id="tr-samples", scale=2)
+                                          elem_id="tr-samples", scale=2, min_width=320)
             self.log_box = gr.Textbox(label="Log (newest lines; the whole log is train.log in the run folder)",
                                       lines=runview.LOG_TAIL_LINES, max_lines=runview.LOG_TAIL_LINES,
                                       autoscroll=True, interactive=False, elem_id="sdl-log")
