@@ -26,16 +26,17 @@ from ..data import (
 )
 from ..data.scan import DatasetItem, DatasetScan
 from .conditioning import Conditioner, TextConditioning, time_ids
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, caption_trigger
 from .events import EventLog, Message, Warning_
 
 
 def caption_config(cfg: TrainConfig) -> CaptionConfig:
     template = cfg.caption_template
-    if "{trigger}" in template and not cfg.trigger_word.strip():
+    trigger = caption_trigger(cfg)  # the new tokens (<s0><s1>) when the run learns them
+    if "{trigger}" in template and not trigger:
         template = "{caption}" if "{caption}" in template else template
     try:
-        return CaptionConfig(template=template, trigger=cfg.trigger_word, shuffle_tags=cfg.shuffle_caption,
+        return CaptionConfig(template=template, trigger=trigger, shuffle_tags=cfg.shuffle_caption,
                              keep_tokens=cfg.keep_tokens, caption_dropout_rate=cfg.caption_dropout_rate)
     except DatasetError as e:
         raise ConfigError("caption_template", str(e)) from None
@@ -91,7 +92,8 @@ class TrainData:
         buckets = bucket_config(cfg)
         self.dataset = ImageCaptionDataset(scan.items, buckets=buckets, captions=captions, random_crop=cfg.random_crop,
                                            flip_aug=cfg.flip_aug, seed=cfg.seed)
-        cache_text = not cfg.train_text_encoder and not captions.varies
+        # Captions are encoded every step while the text encoder or new token embeddings train.
+        cache_text = not cfg.train_text_encoder and not cfg.embedding_tokens and not captions.varies
         key = f"{cfg.pretrained_model_name_or_path}|{base.vae.dtype}"
         self.source = self._cached(self.dataset, cache_text, key, cache_dir, log, "training images")
         self.sampler = BucketBatchSampler(self.dataset.bucket_of_index, cfg.train_batch_size * self.world, seed=cfg.seed)
@@ -101,7 +103,7 @@ class TrainData:
         if class_items:
             class_ds = ImageCaptionDataset(class_items, buckets=buckets, captions=CaptionConfig(template=cfg.class_prompt),
                                            seed=cfg.seed + 1)
-            self.class_source = self._cached(class_ds, not cfg.train_text_encoder, key, cache_dir, log, "class images")
+            self.class_source = self._cached(class_ds, not cfg.train_text_encoder and not cfg.embedding_tokens, key, cache_dir, log, "class images")
             self.class_buckets = class_ds.bucket_of_index
         self.position: tuple[int, int] | None = None
         self.class_position = 0
@@ -207,7 +209,7 @@ class TrainData:
         """The batch's text conditioning: cached, or encoded now by ``text_encoders`` (trained or not)."""
         if batch.text is not None:
             return batch.text
-        if self.cfg.train_text_encoder:
+        if self.cfg.train_text_encoder or self.cfg.embedding_tokens:
             return self.conditioner.encode(batch.captions, text_encoders)
         with torch.no_grad():
             return self.conditioner.encode(batch.captions, text_encoders)

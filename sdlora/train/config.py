@@ -100,6 +100,17 @@ class TrainConfig:
     text_encoder_alpha: float = _f(0.0, section="network", min=0.0, max=4096.0, help="Text-encoder LoRA alpha (0 = network_alpha).")
     loraplus_lr_ratio: float = _f(0.0, section="network", min=0.0, max=1000.0, help="LoRA+: lr of B = ratio x lr of A (0 = off, 16 suggested).")
     network_args: dict = _f(factory=dict, section="network", ui=False, help="Extra options of the adapter method (TOML table).")
+    # --- trigger tokens that learn (textual inversion / pivotal tuning) ------------------------
+    embedding_tokens: int = _f(0, section="network", min=0, max=32,
+                               help="Learn N new tokens <s0><s1>... where {trigger} goes in captions (0 = off).")
+    embedding_init: str = _f("", section="network",
+                             help="Word or phrase the new tokens start from (empty = random, scaled like real tokens).")
+    embedding_only: bool = _f(False, section="network",
+                              help="Textual inversion: train only the new tokens, no LoRA (else pivotal: both).")
+    embedding_lr: float = _f(1e-3, section="optimizer", min=0.0, max=1.0, min_exclusive=True,
+                             help="Learning rate of the new token embeddings.")
+    embedding_stop_fraction: float = _f(1.0, section="optimizer", min=0.0, max=1.0, min_exclusive=True,
+                                        help="Stop training the new tokens after this share of the steps (1 = all).")
     # --- optimisation ----------------------------------------------------------------------
     max_train_steps: int = _f(1000, group="main", section="optimizer", min=1, max=1_000_000, help="Number of optimizer steps.")
     train_batch_size: int = _f(1, group="main", section="optimizer", min=1, max=4096, help="Images per step (per process).")
@@ -256,6 +267,17 @@ class TrainConfig:
 
             if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
                 raise ConfigError("log_with", "tensorboard is not installed: pip install tensorboard, or set log_with = \"\"")
+        if self.embedding_tokens:
+            if "{trigger}" not in self.caption_template:
+                raise ConfigError("embedding_tokens", f"needs {{trigger}} in caption_template (now {self.caption_template!r}):"
+                                  " the new tokens go where the trigger goes")
+            if self.embedding_stop_fraction * self.max_train_steps < 1:
+                raise ConfigError("embedding_stop_fraction", f"{self.embedding_stop_fraction:g} of {self.max_train_steps} "
+                                  "steps is less than one step; raise it")
+        elif self.embedding_only:
+            raise ConfigError("embedding_only", "needs embedding_tokens > 0 (the tokens to train instead of a LoRA)")
+        if self.embedding_init.strip() and not self.embedding_tokens:
+            raise ConfigError("embedding_init", "is only used with embedding_tokens > 0")
         if self.with_prior_preservation and not self.class_prompt.strip():
             raise ConfigError("class_prompt", "is required when with_prior_preservation is on")
         if check_paths:
@@ -330,3 +352,25 @@ def learning_rates(cfg: TrainConfig) -> dict[str, float | None]:
     """The adapter's learning rates by part (keyword arguments of ``LoraAdapter.param_groups``)."""
     return {"unet_lr": cfg.effective_unet_lr, "text_encoder_lr": cfg.text_encoder_lr,
             "text_encoder_2_lr": cfg.text_encoder_2_lr or None}
+
+
+def embedding_token_strings(cfg: TrainConfig) -> list[str]:
+    """The new tokens of a run (``<s0>``, ``<s1>``, ...: the convention of diffusers' advanced DreamBooth-LoRA
+    scripts); empty when the run learns none."""
+    return [f"<s{i}>" for i in range(cfg.embedding_tokens)]
+
+
+def caption_trigger(cfg: TrainConfig) -> str:
+    """What ``{trigger}`` becomes in captions and sample prompts: the new tokens when the run learns them
+    (``<s0><s1>``), else the trigger word."""
+    return "".join(embedding_token_strings(cfg)) if cfg.embedding_tokens else cfg.trigger_word.strip()
+
+
+def embedding_name(cfg: TrainConfig) -> str:
+    """The name of a run's embedding in other tools: A1111/Forge and ComfyUI call an embedding by its file
+    name, and a bundled one by its ``bundle_emb.<name>`` key. The trigger word when it is one plain word,
+    else the run name."""
+    import re
+
+    word = cfg.trigger_word.strip()
+    return word if re.fullmatch(r"[A-Za-z0-9_-]+", word or "") else cfg.output_name

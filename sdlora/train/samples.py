@@ -6,13 +6,13 @@ import re
 from pathlib import Path
 
 from ..paths import atomic_path
-from .config import TrainConfig
+from .config import TrainConfig, caption_trigger
 from .events import EventLog, Sample
 
 
 def sample_prompts(cfg: TrainConfig) -> list[str]:
     prompts = cfg.sample_prompts or ["{caption}"]
-    trigger = cfg.trigger_word.strip()
+    trigger = caption_trigger(cfg)  # the new tokens (<s0><s1>) when the run learns them
     out = []
     for p in prompts:
         p = p.replace("{trigger}", trigger) if trigger else re.sub(r",?\s*in \{trigger\} style", "", p).replace("{trigger}", "")
