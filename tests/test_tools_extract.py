@@ -100,19 +100,20 @@ def test_sdxl_both_text_encoders_and_family_mismatch(sdxl_dir, sd1_pair, tmp_pat
                          "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v": (2, 0)})
     tuned.pipe.save_pretrained(tmp_path / "tuned", safe_serialization=True)  # a diffusers folder
     out = tmp_path / "xl.safetensors"
-    report = extract_lora(sdxl_dir, tmp_path / "tuned", out, rank=2, dtype="fp32")
+    base = load_base(sdxl_dir)
+    report = extract_lora(base, tmp_path / "tuned", out, rank=2, dtype="fp32")
     assert report.values["extracted"] == 3 and report.values["family"] == "sdxl"
     from safetensors.torch import load_file
 
     names = {k.split(".")[0] for k in load_file(out)}
     assert "lora_te2_text_model_encoder_layers_0_mlp_fc1" in names
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v" in names  # SDXL's own (SGM) names
-    got = deltas(read_weights(out, ModelCache(sdxl_dir)).weights)
+    got = deltas(read_weights(out, ModelCache(base)).weights)
     for label, delta in added.items():
         assert relative(got[label], delta) < 1e-5, label
 
     with pytest.raises(ToolError, match=r"--base .* is SD 1\.x but --tuned .* is SDXL"):
-        extract_lora(sd1_pair["base"], sdxl_dir, tmp_path / "x.safetensors", rank=2)
+        extract_lora(sd1_pair["base"], tuned, tmp_path / "x.safetensors", rank=2)  # a loaded model works too
     assert not (tmp_path / "x.safetensors").exists()
 
 
