@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models.loading import ModelLoadError
 
     errors += (LoraError, ModelLoadError, TrainingError, DatasetError, RunExportError, RunBusyError)
-    if args.command in ("train", "generate", "export", "tiny-model", "merge-into", "extract"):
+    if args.command in ("train", "generate", "export", "tiny-model", "merge-into", "combine", "resize", "extract"):
         _quiet_model_loading()
     try:
         return args.func(args)

@@ -110,7 +110,7 @@ def test_files_without_base_model(pair, tmp_path):
 
 
 def test_refusals(pair, tmp_path):
-    a, b = pair
+    a, _ = pair
     sd2 = random_weights(meta_models("sd2"), LoraSpec(preset="attn", rank=2), seed=3, only=r"down_blocks\.1\.attentions\.0")
     f1 = save_lora(a, tmp_path / "sd1.safetensors", family="sd1")
     f2 = save_lora(sd2, tmp_path / "sd2.safetensors", family="sd2")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..lora.errors import LoraError, LoraFileError, LoraShapeMismatchError
+from ..lora.errors import LoraError, LoraShapeMismatchError
 from ..lora.weights import LoraWeights, ModuleLora
 
 #: ``progress(done, total, label)``: called as per-layer work advances (``label`` names the layer or stage)
@@ -286,9 +286,13 @@ def read_weights(path: str | os.PathLike[str], models: ModelCache | None = None,
     if family in _SHIPPED:
         try:
             weights, unknown = match(models.meta(family, pred))
-        except LoraShapeMismatchError:
+        except LoraShapeMismatchError as exc:
             if models.base is None:
-                raise
+                raise ToolError(
+                    f"{file.path.name} names {family_label(family)} layers ({reason}) but its shapes are not those of "
+                    f"the full-size model; if it was made for a smaller model of that architecture, give that model "
+                    f"with --base. ({str(exc).split('. ')[0]}.)"
+                ) from None
             # The family's layout with other widths (a small SDXL-architecture model): the base names it.
             weights, unknown = match(models.base_models())
     else:
@@ -304,7 +308,7 @@ def read_weights(path: str | os.PathLike[str], models: ModelCache | None = None,
         else:
             version = file.metadata.get("ss_base_model_version", "sd_v1")
             family = "sd2" if version.startswith("sd_v2") else "sd1"
-        reason = f"named by the base model {models.base}"
+        reason = f"its layers fit the base model {getattr(models.base, 'source', models.base)}"
     if unknown and not allow_unknown:
         raise ToolError(
             f"{file.path}: {len(unknown)} key(s) match no {family_label(family)} layer (e.g. {unknown[0]}); "
@@ -324,8 +328,8 @@ def same_family(loaded: Sequence[LoadedLora]) -> tuple[str, str]:
     for other in loaded[1:]:
         if other.family != first.family:
             raise ToolError(
-                f"{first.path.name} is a {family_label(first.family)} LoRA ({first.family_reason}) but "
-                f"{other.path.name} is a {family_label(other.family)} LoRA ({other.family_reason}); "
+                f"{first.path.name} is made for {family_label(first.family)} ({first.family_reason}) but "
+                f"{other.path.name} for {family_label(other.family)} ({other.family_reason}); "
                 "only LoRAs of one model family can be combined."
             )
     return first.family, first.prediction_type

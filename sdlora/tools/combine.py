@@ -180,9 +180,9 @@ def combine_loras(
         raise ToolError(f"--out {target}: a kohya LoRA file name ends in .safetensors.")
     cache = ModelCache(base)
     loaded = []
-    for i, (path, _) in enumerate(parsed):
+    for path, _ in parsed:
         if progress:
-            progress(i, len(parsed), f"reading {Path(path).name}")
+            progress(0, 1, f"reading {Path(path).name}")
         loaded.append(read_weights(path, cache))
     family, pred = same_family(loaded)
     combined = combine_weights(

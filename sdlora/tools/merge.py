@@ -191,8 +191,8 @@ def merge_into(
         written = _save_diffusers(loaded.pipe, target, DTYPES[dtype])
     counts = {c: sum(1 for r in rows if r[0].startswith(c + ".")) for c in COMPONENTS}
     parts = ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in counts.items() if n)
-    lines = [f"merged {len(files)} LoRA(s) ({sources}) into {loaded.source} ({family_label(loaded.family)}): "
-             f"{len(rows)} layers changed ({parts})"]
+    lines = [(f"merged {len(files)} LoRA(s) ({sources}) into {loaded.source} ({family_label(loaded.family)}): "
+              f"{len(rows)} layers changed ({parts})")]
     if skipped:
         lines.append(f"{len(skipped)} key(s) matched no layer and were left out, e.g. {skipped[0]}")
     lines.append(f"wrote {written} ({'single file' if fmt == 'single' else 'diffusers folder'}, {dtype}) "

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 
 from ..lora.errors import LoraError
-from ..lora.targets import Component
 from ..lora.variants import get_method
 from ..lora.weights import LoraWeights, ModuleLora, resize_rank
 from . import _svd
@@ -136,7 +135,7 @@ def resize_weights(
     items = list(weights.items())
     ticker = Ticker(progress, len(items))
     rows: list[list[Any]] = []
-    result = LoraWeights(method=weights.method, info=dict(weights.info), )
+    result = LoraWeights(method=weights.method, info=dict(weights.info))
     fixed: dict[int, LoraWeights] = {}
     if choice is None:  # the method decides how a file of its kind gets a fixed rank
         method = get_method(weights.method) if weights.method else get_method("lora")
@@ -272,10 +271,10 @@ def resize_lora(
     if conv_rank and conv_rank != rank:
         how += f", conv rank {conv_rank}"
     summary = "\n".join([
-        f"resized {loaded.path.name} ({family_label(loaded.family)}, rank {old_text}) with {how}: "
-        f"{len(resized.rows)} layers, {resized.changed} changed, {len(resized.rows) - resized.changed} kept as they were",
-        f"new ranks {min(new_ranks)}-{max(new_ranks)} (mean {sum(new_ranks) / len(new_ranks):.1f}); Frobenius norm "
-        f"retained per layer: mean {percent(mean)} (std {std:.3f}); relative error overall {percent(resized.overall_error)}",
+        (f"resized {loaded.path.name} ({family_label(loaded.family)}, rank {old_text}) with {how}: "
+         f"{len(resized.rows)} layers, {resized.changed} changed, {len(resized.rows) - resized.changed} kept as they were"),
+        (f"new ranks {min(new_ranks)}-{max(new_ranks)} (mean {sum(new_ranks) / len(new_ranks):.1f}); Frobenius norm "
+         f"retained per layer: mean {percent(mean)} (std {std:.3f}); relative error overall {percent(resized.overall_error)}"),
         f"wrote {written} ({format}, {dtype or loaded.dtype}) in {time.monotonic() - start:.1f}s",
     ])
     return ToolReport(
