@@ -114,6 +114,7 @@ class Previewer:
         self.reports: dict[str, LoadReport] = {}
         self._files: dict[tuple, str] = {}  # (resolved path, mtime, size) -> adapter name, for set_loras
         self._layerset: control.LayerSet | None = None  # PEFT layers, collected once per adapter change
+        self._embedding_words: set[tuple[int, tuple[str, ...]]] = set()  # (tokenizer, prompt words) loaded here
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
 
@@ -181,10 +182,62 @@ class Previewer:
         extra = {"text_encoder_2": self.text_encoder_2} if self.text_encoder_2 is not None else {}
         adapter, report = load_lora(path, self.unet, self.text_encoder, name, strict=strict, taken_names=taken, **extra)
         self._layerset = None
+        self._load_bundled(path)
         self._entries[adapter.name] = _Entry(float(weight), True)
         self.reports[adapter.name] = report
         self._files[_file_key(path)] = adapter.name
         return adapter.name
+
+    def load_embedding(self, path: str | os.PathLike[str], token: str | None = None) -> list[str]:
+        """Load a textual-inversion embedding file (A1111/ComfyUI ``.safetensors``: ``emb_params``, a single
+        tensor, ``string_to_param``, or SDXL's ``clip_l``/``clip_g``) or the embeddings bundled into a LoRA file.
+
+        The prompt word is ``token`` (default: the file's stem, or the bundled name), as in A1111 and ComfyUI;
+        an embedding of N vectors becomes ``token token_1 ... token_{N-1}`` the way diffusers'
+        ``load_textual_inversion`` (which does the loading, into every text encoder) expands it. Loading a
+        name again replaces its vectors. Returns the prompt words loaded.
+        """
+        from .lora.formats.embedding import own_tokenizers, read_embeddings
+
+        found = read_embeddings(path, token)
+        own_tokenizers(self.pipe)
+        if token is not None and len(found) == 1:
+            found = {token: next(iter(found.values()))}
+        encoders = [(self.pipe.tokenizer, self.text_encoder)]
+        if self.text_encoder_2 is not None:
+            encoders.append((self.pipe.tokenizer_2, self.text_encoder_2))
+        names = []
+        for name, vectors in found.items():
+            if len(vectors) != len(encoders):
+                raise LoraError(f"{path}: embedding {name!r} has vectors for {len(vectors)} text encoder(s); this base "
+                                f"model has {len(encoders)}.")
+            for (tokenizer, encoder), rows in zip(encoders, vectors):
+                width = encoder.get_input_embeddings().weight.shape[-1]
+                if rows.shape[-1] != width:
+                    raise LoraError(f"{path}: embedding {name!r} has {rows.shape[-1]}-wide vectors; this text "
+                                    f"encoder takes {width} (an embedding of another base model).")
+                words = [name] + [f"{name}_{i}" for i in range(1, rows.shape[0])]
+                if (id(tokenizer), tuple(words)) in self._embedding_words:  # loaded before: replace the vectors
+                    table = encoder.get_input_embeddings().weight
+                    with torch.no_grad():
+                        for w, row in zip(words, rows):
+                            table[tokenizer.convert_tokens_to_ids(w)] = row.to(table.device, table.dtype)
+                    continue
+                self.pipe.load_textual_inversion(rows, token=name, tokenizer=tokenizer, text_encoder=encoder)
+                self._embedding_words.add((id(tokenizer), tuple(words)))
+            names.append(name)
+        return names
+
+    def _load_bundled(self, path: str | os.PathLike[str]) -> None:
+        """Load the embeddings bundled into a LoRA file (``bundle_emb.<name>.*``), as A1111/Forge do."""
+        from safetensors import safe_open
+
+        from .lora.formats.io import resolve_lora_path
+
+        with safe_open(str(resolve_lora_path(path)), framework="pt") as f:
+            has = any(k.startswith("bundle_emb.") for k in f.keys())
+        if has:
+            self.load_embedding(path)
 
     def set_loras(self, items: Iterable[tuple[str | os.PathLike[str], float]]) -> list[str]:
         """Use exactly these (file, weight) pairs; returns their adapter names in order.

@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from ..paths import atomic_dir
 
+EMBEDDINGS_FILE = "embeddings.safetensors"
+
 
 def rng_state() -> dict[str, Any]:
     st: dict[str, Any] = {
@@ -37,10 +39,16 @@ def set_rng_state(st: dict[str, Any], torch_state: torch.Tensor, cuda_states: li
 
 
 def save_checkpoint(path: Path, *, step: int, adapter, optimizer, lr_scheduler,
-                    extra: dict[str, Any]) -> Path:
-    """Write a complete checkpoint folder atomically. ``extra`` must be JSON-serialisable."""
+                    extra: dict[str, Any], embeddings=None) -> Path:
+    """Write a complete checkpoint folder atomically. ``extra`` must be JSON-serialisable.
+
+    ``embeddings`` (a run's :class:`~sdlora.train.embeddings.TrainedTokens`) adds ``embeddings.safetensors``,
+    the trained rows of the new tokens (their optimizer state is in ``optimizer.pt`` with the rest).
+    """
     with atomic_dir(path) as tmp:
         save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(tmp / "adapter.safetensors"))
+        if embeddings is not None:
+            save_file(embeddings.state_dict(), str(tmp / EMBEDDINGS_FILE))
         extra_tensors, extra_json = _split_extra(adapter.method.extra_state(adapter))
         if extra_tensors:
             save_file(extra_tensors, str(tmp / "method.safetensors"))
@@ -150,9 +158,15 @@ def load_run_adapter(run_dir: str | Path, *, step: int | None = None, base: Any 
     return base, adapter
 
 
-def load_checkpoint(path: Path, *, adapter, optimizer, lr_scheduler) -> dict[str, Any]:
+def load_checkpoint(path: Path, *, adapter, optimizer, lr_scheduler, embeddings=None) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns its state dict (step, extra)."""
     state = restore_adapter(path, adapter)
+    if embeddings is not None:
+        if not (path / EMBEDDINGS_FILE).is_file():
+            from .config import ConfigError
+
+            raise ConfigError("embedding_tokens", f"checkpoint {path.name} has no trained token embeddings")
+        embeddings.load_state_dict(load_file(str(path / EMBEDDINGS_FILE)))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     rng = load_file(str(path / "rng.safetensors"))

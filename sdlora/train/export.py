@@ -40,15 +40,77 @@ def save_dtype(cfg: TrainConfig) -> str:
 
 
 def write_run_lora(run: RunDir, weights, out: str | os.PathLike[str], *, facts: Mapping[str, Any], step: int,
-                   fmt: str = "kohya", dtype: str | None = None) -> Path:
-    """Write ``weights`` (a ``LoraWeights`` or an adapter) of ``run`` at ``step`` with the run's facts."""
+                   fmt: str = "kohya", dtype: str | None = None, embeddings=None) -> Path:
+    """Write ``weights`` (a ``LoraWeights`` or an adapter) of ``run`` at ``step`` with the run's facts.
+
+    ``embeddings`` (trained token rows per text encoder, pivotal runs) are bundled into a kohya file as
+    ``bundle_emb.<name>.*`` (A1111/Forge load them with the LoRA).
+    """
     from ..lora import save_lora
 
     metadata = dict(facts.get("metadata") or {})
     metadata["ss_steps"] = str(step)
-    return save_lora(weights, out, format=fmt,  # type: ignore[arg-type]
+    path = save_lora(weights, out, format=fmt,  # type: ignore[arg-type]
                      metadata=metadata, family=facts["family"], prediction_type=facts["prediction_type"],
                      title=facts.get("title") or run.name, dtype=dtype or facts.get("dtype") or "fp32")
+    if embeddings is not None and fmt == "kohya":
+        path = _bundle_embeddings(path, run, embeddings, family=facts["family"], dtype=dtype or facts.get("dtype"))
+    return path
+
+
+def run_embedding_path(run: RunDir) -> Path:
+    """Where a run's embedding file goes: ``<run>/embeddings/<name>.safetensors``. Other tools call an
+    embedding by its file name, so the file is named after the trigger word (see ``embedding_name``)."""
+    from .config import embedding_name
+
+    return run.path / "embeddings" / f"{embedding_name(run.load_config())}.safetensors"
+
+
+def write_run_embedding(run: RunDir, vectors, *, facts: Mapping[str, Any], step: int,
+                        out: str | os.PathLike[str] | None = None, dtype: str | None = None) -> Path:
+    """Write a run's trained token embeddings as an A1111/ComfyUI embedding file (atomically)."""
+    from ..lora.formats.embedding import save_embedding
+    from .config import caption_trigger, embedding_name
+
+    cfg = run.load_config()
+    meta = {"sdlora_embedding_name": embedding_name(cfg), "sdlora_trained_tokens": caption_trigger(cfg),
+            "sdlora_trigger_word": cfg.trigger_word, "sdlora_base_family": str(facts["family"]),
+            "sdlora_steps": str(step), "ss_output_name": cfg.output_name}
+    return save_embedding(vectors, out or run_embedding_path(run), family=facts["family"],
+                          dtype=_torch_dtype(dtype or facts.get("dtype") or "fp32"), metadata=meta)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
+
+
+def _bundle_embeddings(path: Path, run: RunDir, vectors, *, family: str, dtype: str | None) -> Path:
+    """Rewrite the kohya file ``path`` with the embeddings bundled in (atomically; metadata kept)."""
+    from ..lora.formats.embedding import bundle_tensors
+    from ..lora.formats.io import atomic_save, read_safetensors
+    from .config import embedding_name
+
+    tensors, meta = read_safetensors(path)
+    torch_dtype = _torch_dtype(dtype or "fp32")
+    name = embedding_name(run.load_config())
+    tensors.update({k: v.to(torch_dtype) for k, v in bundle_tensors(name, vectors, family).items()})
+    meta["sdlora_bundled_embeddings"] = name
+    return atomic_save(tensors, path, meta)
+
+
+def checkpoint_embeddings(run: RunDir, checkpoint: Path):
+    """The trained token rows of a checkpoint (per text encoder), or None when the run learns no tokens."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import EMBEDDINGS_FILE
+
+    f = checkpoint / EMBEDDINGS_FILE
+    if not f.is_file():
+        return None
+    state = load_file(str(f))
+    return [state[f"te{i}"] for i in range(len(state))]
 
 
 def save_facts(run: RunDir, *, family: str, prediction_type: str, title: str, dtype: str,
@@ -145,7 +207,8 @@ def export_run(run_dir: str | os.PathLike[str], *, fmt: str = "kohya", out: str 
     if rank:
         weights = _resize(weights, int(rank))
     target = Path(out).expanduser() if out is not None else _default_out(run, step, rank, fmt)
-    return write_run_lora(run, weights, target, facts=facts, step=at, fmt=fmt, dtype=dtype)
+    embeddings = checkpoint_embeddings(run, run.checkpoints_dir / f"step-{at}")
+    return write_run_lora(run, weights, target, facts=facts, step=at, fmt=fmt, dtype=dtype, embeddings=embeddings)
 
 
 def _resize(weights, rank: int):

@@ -20,7 +20,7 @@ import torch
 from .checkpoint import (inject_run_adapter, load_checkpoint, newest_good_checkpoint, prune_checkpoints,
                          save_checkpoint)
 from .config import ConfigError, TrainConfig, learning_rates
-from .export import save_dtype, save_facts, training_facts, write_run_lora
+from .export import run_embedding_path, save_dtype, save_facts, training_facts, write_run_embedding, write_run_lora
 from .events import Callback, Checkpoint, Done, EventLog, Failed, Message, Start, Step, Stopped, Warning_
 from .measure import count_flops, matmul_peak_flops
 from .precision import resolve_precision
@@ -254,6 +254,16 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     data = batches.build(cfg, base, class_items, accelerator, log, run.path)
 
     adapter = inject_run_adapter(cfg, base)
+    tokens = None  # new trigger tokens whose embeddings train (textual inversion / pivotal tuning)
+    if cfg.embedding_tokens:
+        from ..lora.formats.embedding import own_tokenizers
+        from .embeddings import add_trained_tokens
+
+        own_tokenizers(base.pipe)
+        tokens = add_trained_tokens(cfg, base.tokenizers, text_encoders)
+        log.emit(Message(f"learning {len(tokens.tokens)} new token(s) {''.join(tokens.tokens)} in "
+                         f"{len(tokens.layers)} text encoder(s)" + (" (textual inversion: no LoRA)" if cfg.embedding_only
+                                                                    else "")))
     trained_encoders = text_encoders if cfg.train_text_encoder else ()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -262,7 +272,14 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     for m in adapter.models:
         m.train()
     prepare_for_training(unet, trained_encoders, accelerator.device)
-    param_groups = adapter.param_groups(**learning_rates(cfg), weight_decay=cfg.weight_decay)
+    if cfg.embedding_only:  # textual inversion: the adapter stays at its identity init, frozen, and is not exported
+        for p in adapter.parameters():
+            p.requires_grad_(False)
+        param_groups = []
+    else:
+        param_groups = adapter.param_groups(**learning_rates(cfg), weight_decay=cfg.weight_decay)
+    if tokens is not None:
+        param_groups += tokens.param_groups(cfg.embedding_lr)
     # Trained weights stay fp32 even when the frozen base runs in fp16/bf16 (mixed precision).
     for g in param_groups:
         for p in g["params"]:
@@ -279,7 +296,8 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         log.emit(Warning_(f"checkpoint {path.name} is damaged ({why}); resuming from "
                           f"{latest.name if latest else 'the start'} instead"))
     if resumed and latest is not None:
-        state = load_checkpoint(latest, adapter=adapter, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        state = load_checkpoint(latest, adapter=adapter, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                embeddings=tokens)
         start_step = state["step"]
         data.load_state_dict(state["data"])
         log.emit(Message(f"resumed from {latest.name}"))
@@ -311,7 +329,8 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
                                  noise=noise, timesteps=timesteps, min_snr_gamma=cfg.min_snr_gamma,
                                  is_prior=batch.is_prior, prior_loss_weight=cfg.prior_loss_weight,
                                  added_cond_kwargs=cond.get("added_cond_kwargs"))
-        accelerator.backward(out.loss)
+        if out.loss.requires_grad:  # textual inversion after embedding_stop_fraction: nothing trains any more
+            accelerator.backward(out.loss)
         return out
 
     params = [p for g in param_groups for p in g["params"]]
@@ -319,10 +338,16 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     flops_per_step = _measure_step_flops(micro_step, data, params, optimizer) * cfg.gradient_accumulation_steps
     times: list[float] = []
     step = start_step
+    if tokens is not None:
+        from .embeddings import stop_step
+
+        token_stop = stop_step(cfg)
     while step < cfg.max_train_steps:
         t0 = time.perf_counter()
         losses, prior_losses = [], []
         adapter.method.before_step(adapter, step=step, total_steps=cfg.max_train_steps)
+        if tokens is not None:
+            tokens.set_trainable(step < token_stop)
         for micro in range(cfg.gradient_accumulation_steps):
             batch = data.next_batch()
             final = micro == cfg.gradient_accumulation_steps - 1
@@ -362,7 +387,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and not last and accelerator.is_main_process:
             samples.make_samples(cfg, base, run, step, log)
         if want_stop or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0) or last:
-            cp = _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelerator, log)
+            cp = _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelerator, log, tokens)
             if want_stop and not last:
                 log.emit(Stopped(step=step, checkpoint=str(cp) if cp else None))
                 if accelerator.is_main_process:
@@ -379,22 +404,30 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         samples.make_samples(cfg, base, run, step, log)
         facts = save_facts(run, family=base.family, prediction_type=base.prediction_type, title=cfg.output_name,
                            dtype=save_dtype(cfg), metadata=training_facts(cfg, data, step, t_start))
-        lora_path = write_run_lora(run, adapter, run.lora_path, facts=facts, step=step)
-        _report_export_error(lora_path, log)
+        embedding = None
+        if tokens is not None:
+            embedding = write_run_embedding(run, tokens.vectors(), facts=facts, step=step)
+            log.emit(Message(f"wrote the embedding {embedding} (A1111/ComfyUI embeddings folder; "
+                             f"type '{embedding.stem}' in prompts)"))
+        if not cfg.embedding_only:
+            lora_path = write_run_lora(run, adapter, run.lora_path, facts=facts, step=step,
+                                       embeddings=tokens.vectors() if tokens is not None else None)
+            _report_export_error(lora_path, log)
         run.write_status("done", "finished", step=step, total_steps=cfg.max_train_steps)
     accelerator.wait_for_everyone()
-    log.emit(Done(step=step, lora_path=str(lora_path or run.lora_path), seconds=time.time() - t_start,
+    done_path = lora_path or (run_embedding_path(run) if cfg.embedding_only else run.lora_path)
+    log.emit(Done(step=step, lora_path=str(done_path), seconds=time.time() - t_start,
                   processes=accelerator.num_processes, adapter_digests=digests))
     accelerator.end_training()
     return TrainResult(run.path, "done", step, lora_path, run.latest_checkpoint())
 
 
-def _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelerator, log) -> Path | None:
+def _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelerator, log, tokens=None) -> Path | None:
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
         path = save_checkpoint(run.checkpoints_dir / f"step-{step}", step=step, adapter=adapter, optimizer=optimizer,
-                               lr_scheduler=lr_scheduler, extra=dict(data=data.state_dict()))
+                               lr_scheduler=lr_scheduler, extra=dict(data=data.state_dict()), embeddings=tokens)
         prune_checkpoints(run.checkpoints(), cfg.save_last_n_checkpoints)
         log.emit(Checkpoint(step=step, path=str(path)))
     accelerator.wait_for_everyone()

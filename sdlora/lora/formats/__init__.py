@@ -306,6 +306,8 @@ def match_to_model(
     if file.format == "kohya":
         index = kohya.name_index(unet, text_encoder, text_encoder_2)
         for key in sorted(file.tensors):
+            if key.startswith("bundle_emb."):  # embeddings bundled with the LoRA (see formats/embedding.py)
+                continue
             name, suffix = kohya.split_key(key)
             other = kohya.other_method(suffix)
             if other and lycoris.kind_of(suffix) is None:

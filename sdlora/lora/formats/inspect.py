@@ -226,8 +226,13 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     (keys of no LoRA module), ``metadata`` (all header entries, JSON ones decoded), and for LoHa /
     LoKr files ``loaders`` (which tools load it) and ``diffusers_loads`` (False; None otherwise).
     """
+    from .embedding import split_bundled
+
     file = resolve_lora_path(path)
     tensors, metadata = read_safetensors(file)
+    bundled = split_bundled(tensors)  # textual-inversion embeddings bundled with the LoRA (bundle_emb.<name>.*)
+    all_tensors = len(tensors)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")}
     fmt = detect_format(list(tensors))
     entries, stray = file_entries(tensors, fmt) if fmt != "unknown" else ({}, sorted(tensors))
     if fmt == "diffusers":
@@ -292,8 +297,10 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             for name, b in sorted(blocks.items(), key=lambda kv: _block_key(kv[0]))
         },
         "dtypes": sorted({e["dtype"] for e in entries.values() if "dtype" in e}),
-        "num_tensors": len(tensors),
+        "num_tensors": all_tensors,
         "stray_keys": stray,
+        "embeddings": {name: {part: list(t.shape) for part, t in sorted(parts.items())}
+                       for name, parts in sorted(bundled.items())},
         "metadata": decoded,
     }
 
@@ -318,6 +325,10 @@ def format_inspection(info: Mapping[str, Any]) -> str:
         lines.append(f"network args: {json.dumps(info['network_args'])}")
     if info.get("loaders"):
         lines.append(f"loads in:     {info['loaders']}")
+    for name, parts in (info.get("embeddings") or {}).items():
+        shapes = ", ".join(f"{part} {'x'.join(map(str, shape))}" for part, shape in parts.items())
+        vectors = next(iter(parts.values()))[0] if parts else 0
+        lines.append(f"embedding:    {name} ({vectors} vector(s): {shapes}; bundled, A1111/Forge load it with the LoRA)")
     lines.append("blocks:")
     for name, block in info["blocks"].items():
         ranks = ",".join(str(r) for r in block["ranks"])
