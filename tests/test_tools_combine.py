@@ -114,7 +114,7 @@ def test_refusals(pair, tmp_path):
     sd2 = random_weights(meta_models("sd2"), LoraSpec(preset="attn", rank=2), seed=3, only=r"down_blocks\.1\.attentions\.0")
     f1 = save_lora(a, tmp_path / "sd1.safetensors", family="sd1")
     f2 = save_lora(sd2, tmp_path / "sd2.safetensors", family="sd2")
-    with pytest.raises(ToolError, match=r"sd1\.safetensors is a SD 1\.x LoRA.*sd2\.safetensors is a SD 2\.x LoRA"):
+    with pytest.raises(ToolError, match=r"sd1\.safetensors is made for SD 1\.x.*sd2\.safetensors for SD 2\.x"):
         combine_loras([f1, f2], tmp_path / "x.safetensors")
     dora = a.map_modules(lambda m: type(m)(m.down, m.up, m.alpha, torch.ones(1, m.down.shape[1], *([1, 1] if m.is_conv else []))))
     fd = save_lora(dora, tmp_path / "dora.safetensors", family="sd1")
