@@ -179,3 +179,23 @@ def test_cli_combine(pair, tmp_path, capsys):
     assert main(["combine", f"{fa}:x1", "--out", str(tmp_path / "d.safetensors")]) == 1
     assert "'x1' is not a weight" in capsys.readouterr().err
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_other_module_kinds_combine_by_svd_only():
+    """A LoHa layer (delta = Hadamard product of two rank-r products) adds through its delta()."""
+    from sdlora.lora.weights import LoraWeights, ModuleLoha, ModuleLora
+
+    g = torch.Generator().manual_seed(9)
+    loha = LoraWeights()
+    loha.unet["x.to_q"] = ModuleLoha(*(torch.randn(s, generator=g) for s in ((12, 2), (2, 10), (12, 2), (2, 10))),
+                                     alpha=1.0, shape=(12, 10))
+    plain = LoraWeights()
+    plain.unet["x.to_q"] = ModuleLora(torch.randn(3, 10, generator=g), torch.randn(12, 3, generator=g), 1.5)
+    with pytest.raises(ToolError, match=r"LoHa module.*Give --rank R"):
+        combine_weights([(loha, 1.0), (plain, 0.5)])
+    combined = combine_weights([(loha, 1.0), (plain, 0.5)], 5)
+    exact = loha.unet["x.to_q"].delta().double() + 0.5 * plain.unet["x.to_q"].delta().double()
+    u, s, vh = torch.linalg.svd(exact)
+    best = (u[:, :5] * s[:5]) @ vh[:5]
+    assert relative(combined.weights.unet["x.to_q"].delta(), best) < 1e-6
+    assert combined.rows[0][3] == "LoHa 2+3" and combined.rows[0][5] == pytest.approx(float(s[5:].norm() / s.norm()), rel=1e-6)

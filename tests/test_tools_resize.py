@@ -157,3 +157,20 @@ def test_cli_resize(sd1_file, tmp_path, capsys):
     assert main(["resize", str(path), "--dynamic", "sv_fro", "--out", str(tmp_path / "y.safetensors")]) == 1
     assert "write METHOD=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_other_module_kinds_become_plain_lora():
+    """A LoHa layer resized to rank R: the best rank-R approximation of its delta, as plain LoRA."""
+    from sdlora.lora.weights import ModuleLoha
+
+    g = torch.Generator().manual_seed(4)
+    weights = LoraWeights(method="loha")
+    weights.unet["x.conv"] = ModuleLoha(*(torch.randn(s, generator=g) for s in ((8, 2), (2, 36), (8, 2), (2, 36))),
+                                        alpha=2.0, shape=(8, 4, 3, 3))
+    delta = weights.unet["x.conv"].delta().double().reshape(8, 36)
+    u, s, vh = torch.linalg.svd(delta)
+    for result in (resize_weights(weights, 3), resize_weights(weights, 3, dynamic="sv_fro=0.999")):
+        new = result.weights.unet["x.conv"]
+        assert isinstance(new, ModuleLora) and new.is_conv and new.rank == 3
+        assert relative(new.delta().reshape(8, 36), (u[:, :3] * s[:3]) @ vh[:3]) < 1e-5
+        assert result.rows[0][2] == "LoHa 2" and result.rows[0][6] == pytest.approx(float(s[3:].norm() / s.norm()), rel=1e-4)

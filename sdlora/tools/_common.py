@@ -164,6 +164,22 @@ def layer_kind(module: Any) -> str:
     return f"Conv2d {shape[0]}x{shape[1]}"
 
 
+def module_kind(module: Any) -> str:
+    """A module's method in words: "LoRA", "DoRA", "LoHa", "LoKr", ..."""
+    if isinstance(module, ModuleLora):
+        return "LoRA" if module.dora_scale is None else "DoRA"
+    kind = str(getattr(module, "kind", type(module).__name__))
+    return {"loha": "LoHa", "lokr": "LoKr"}.get(kind, kind)
+
+
+def rank_text(module: Any) -> int | str:
+    """The rank of a plain module, else the kind and its own rank (e.g. "LoHa 8")."""
+    if isinstance(module, ModuleLora):
+        return module.rank
+    rank = getattr(module, "rank", None)
+    return f"{module_kind(module)} {rank}" if rank is not None else module_kind(module)
+
+
 def is_plain(module: Any) -> bool:
     """A plain LoRA module (``down``/``up``/``alpha``, no DoRA magnitude)."""
     return isinstance(module, ModuleLora) and module.dora_scale is None

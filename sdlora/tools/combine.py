@@ -33,7 +33,7 @@ from ..lora.weights import LoraWeights, ModuleLora
 from . import _svd
 from ._common import (
     ModelCache, Progress, Ticker, ToolError, ToolReport, carried_metadata, check_dtype, check_rank, family_label,
-    is_plain, layer_kind, parse_weighted, percent, read_weights, same_family, uniform_alpha,
+    is_plain, layer_kind, module_kind, parse_weighted, percent, rank_text, read_weights, same_family, uniform_alpha,
 )
 
 COLUMNS = ["layer", "kind", "files", "ranks in", "rank out", "rel. error"]
@@ -93,7 +93,7 @@ def combine_weights(
         parts = layers[(component, path)]
         label = f"{component}.{path}"
         plain = all(is_plain(m) for _, m, _ in parts)
-        ranks_in = "+".join(str(getattr(m, "rank", "?")) if is_plain(m) else type(m).__name__ for _, m, _ in parts)
+        ranks_in = "+".join(str(rank_text(m)) for _, m, _ in parts)
         kind = layer_kind(parts[0][1])
         if plain:
             shape = (parts[0][1].up.shape[0], *parts[0][1].down.shape[1:])
@@ -105,7 +105,7 @@ def combine_weights(
             bad = next(m for _, m, _ in parts if not is_plain(m))
             who = names[next(i for i, m, _ in parts if m is bad)]
             raise ToolError(
-                f"{who}: layer {label} is a {type(bad).__name__} module, not plain LoRA; exact combination "
+                f"{who}: layer {label} is a {module_kind(bad)} module, not plain LoRA; exact combination "
                 "concatenates LoRA ranks, which only plain LoRA modules have. Give --rank R to combine by SVD."
             )
         if rank is None or (plain and total_rank <= rank):

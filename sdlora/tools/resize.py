@@ -38,7 +38,7 @@ from ..lora.weights import LoraWeights, ModuleLora, resize_rank
 from . import _svd
 from ._common import (
     ModelCache, Progress, Ticker, ToolError, ToolReport, carried_metadata, check_dtype, check_rank, family_label,
-    is_plain, layer_kind, percent, read_weights, uniform_alpha,
+    is_plain, layer_kind, percent, rank_text, read_weights, uniform_alpha,
 )
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
@@ -181,7 +181,7 @@ def resize_weights(
         err_sq += err * err
         rel = err / norm if norm > 0 else 0.0
         retained = math.sqrt(max(0.0, 1 - rel * rel))
-        rows.append([label, layer_kind(module), rank_in if rank_in is not None else type(module).__name__,
+        rows.append([label, layer_kind(module), rank_in if rank_in is not None else rank_text(module),
                      new.rank, float(new.alpha), retained, rel])
         result.component(component)[path] = new
         ticker.step(label)
