@@ -109,6 +109,12 @@ def _parse_lora(item: str) -> tuple[str, float]:
     return item, 1.0
 
 
+def _parse_embedding(item: str) -> tuple[str, str | None]:
+    """``FILE`` or ``FILE=WORD`` (the prompt word; default: the file's name, as in A1111 and ComfyUI)."""
+    path, sep, word = item.rpartition("=")
+    return (path, word) if sep and path and word else (item, None)
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generate import Previewer
 
@@ -116,8 +122,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
     for path, _ in loras:
         if not Path(path).is_file():
             raise UserError(f"--lora {path}: file not found")
+    embeddings = [_parse_embedding(x) for x in a.embedding or []]
+    for path, _ in embeddings:
+        if not Path(path).is_file():
+            raise UserError(f"--embedding {path}: file not found")
     prev = Previewer(a.base)
-    prev.set_loras(loras)
+    prev.set_loras(loras)  # embeddings bundled into a LoRA file (bundle_emb.<name>.*) come with it
+    for path, token in embeddings:
+        prev.load_embedding(path, token)
     kw = dict(prompt=a.prompt, negative_prompt=a.negative_prompt or None, seed=a.seed, steps=a.steps,
               width=a.width, height=a.height, scheduler=a.scheduler)
     if a.guidance is not None:
@@ -295,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate an image with a base model and LoRAs")
     g.add_argument("--base", default=None, help="base model (default: the bundled demo model)")
     g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="LoRA file, optionally with a weight (repeatable)")
+    g.add_argument("--embedding", action="append", metavar="FILE[=WORD]",
+                   help="textual-inversion embedding file; the prompt word is the file name unless given (repeatable)")
     g.add_argument("--scale", type=float, default=1.0, help="LoRA scale (0 = base, negative allowed)")
     g.add_argument("--grid", metavar="S1,S2,...", help="make a grid of these scales instead of one image")
     g.add_argument("--prompt", required=True)

@@ -220,9 +220,7 @@ def test_diffusers_load_textual_inversion_gives_sdloras_prompt_embeddings(invers
 def test_sdxl_both_encoders_file_and_diffusers(tmp_path, data):
     from sdlora.generate import Previewer
     from sdlora.models.loading import load_base
-    from sdlora.models.tiny import save_tiny_model
-
-    model = save_tiny_model(tmp_path / "tiny-sdxl", family="sdxl")
+    model = "tiny-sdxl"  # built the same (seed 0) each time it is loaded
     res = train(tiny_cfg(tmp_path, data, "xl", *EMB, "embedding_init=oil painting", "max_train_steps=3",
                          "save_every_n_steps=0", "train_text_encoder=false", model=model))
     emb = res.run_dir / "embeddings" / "tinystyle.safetensors"
@@ -232,22 +230,39 @@ def test_sdxl_both_encoders_file_and_diffusers(tmp_path, data):
     assert torch.equal(lora["bundle_emb.tinystyle.clip_l"], rows["clip_l"])
     assert torch.equal(lora["bundle_emb.tinystyle.clip_g"], rows["clip_g"])
 
-    fresh = _base(str(model)).pipe
+    fresh = _base(model).pipe
     fresh.load_textual_inversion(rows["clip_l"], token="tinystyle", text_encoder=fresh.text_encoder,
                                  tokenizer=fresh.tokenizer)
     fresh.load_textual_inversion(rows["clip_g"], token="tinystyle", text_encoder=fresh.text_encoder_2,
                                  tokenizer=fresh.tokenizer_2)
     with torch.no_grad():
         theirs = fresh.encode_prompt("a red square, in tinystyle style", device="cpu", do_classifier_free_guidance=False)
-    base = _base(str(model))
+    base = _base(model)
     tokens = add_trained_tokens(RunDir(res.run_dir).load_config(), base.tokenizers, base.text_encoders)
     tokens.load_state_dict({"te0": rows["clip_l"], "te1": rows["clip_g"]})
     with torch.no_grad():
         ours = base.pipe.encode_prompt("a red square, in <s0><s1> style", device="cpu", do_classifier_free_guidance=False)
     assert torch.equal(theirs[0], ours[0]) and torch.equal(theirs[2], ours[2])  # hidden states and pooled
 
-    prev = Previewer(load_base(str(model)))
+    prev = Previewer(load_base(model))
     prev.load_lora(res.lora_path)  # bundled embeddings come with the LoRA, into both encoders
     assert "tinystyle_1" in prev.pipe.tokenizer.get_vocab() and "tinystyle_1" in prev.pipe.tokenizer_2.get_vocab()
     with safe_open(str(res.lora_path), framework="pt") as f:
         assert f.metadata()["sdlora_bundled_embeddings"] == "tinystyle"
+
+
+def test_cli_generate_with_an_embedding(inversion, tmp_path):
+    from PIL import Image
+
+    from sdlora.cli import main
+
+    _, res = inversion
+    emb = res.run_dir / "embeddings" / "tinystyle.safetensors"
+    outs = []
+    for extra in ([], ["--embedding", str(emb)], ["--embedding", f"{emb}=mytok"]):
+        out = tmp_path / f"img{len(outs)}.png"
+        prompt = "a red square, in mytok style" if "=mytok" in " ".join(extra) else "a red square, in tinystyle style"
+        assert main(["generate", "--base", "tiny", "--prompt", prompt, "--steps", "2", "--width", "64", "--height", "64",
+                     "--scheduler", "euler", "--out", str(out), *extra]) == 0
+        outs.append(list(Image.open(out).getdata()))
+    assert outs[1] != outs[0] and outs[1] == outs[2]  # the word picks the embedding; its name is the file's or given
