@@ -266,3 +266,31 @@ def test_trains_resumes_exactly_and_previews_from_its_file(run, tiny_model_dir, 
     assert plain_info["network_type"].startswith("LoCon") and plain_info["method"] == "lora"
     assert 0 <= float(plain_info["metadata"]["sdlora_svd_rel_error"]) < 1
     assert plain_info["metadata"]["sdlora_svd_from"] == method
+
+
+def test_mixed_with_lora_files_in_one_model(tmp_path):
+    """LoRA, LoHa and LoKr files previewed together (nested PEFT layers) add up their deltas; a LoRA file
+    after a LoHa/LoKr one is refused with the order to use (PEFT cannot wrap their Conv2d layers)."""
+    from sdlora.lora import control
+
+    files, deltas = {}, {}
+    for method in ("lora", "loha", "lokr"):
+        _, adapter = _random_adapter(method, 2)
+        files[method] = save_lora(adapter, tmp_path / f"{method}.safetensors", dtype="fp32")
+        deltas[method] = {(c, p): layer.get_delta_weight(adapter.name).detach() for c, p, layer in adapter.layers()}
+    pipe, ref = build_tiny_pipeline(seed=0), build_tiny_pipeline(seed=0)
+    for method in ("lora", "loha", "lokr"):
+        load_lora(files[method], pipe.unet, pipe.text_encoder, method)
+        for (component, path), delta in deltas[method].items():
+            model = ref.unet if component == "unet" else ref.text_encoder
+            with torch.no_grad():
+                base_layer(model.get_submodule(model_path(model, component, path))).weight.add_(delta)
+    control.set_adapters([pipe.unet, pipe.text_encoder], {"lora": 1.0, "loha": 1.0, "lokr": 1.0})
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), 10
+    ids = pipe.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = pipe.unet(x, t, pipe.text_encoder(ids)[0]).sample
+        theirs = ref.unet(x, t, ref.text_encoder(ids)[0]).sample
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    with pytest.raises(LoraError, match="Load LoRA files first"):
+        load_lora(files["lora"], pipe.unet, pipe.text_encoder, "late")

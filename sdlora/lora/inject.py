@@ -255,6 +255,22 @@ def inject_adapters(
     )
 
 
+def _check_lora_can_wrap(model: nn.Module, plan: TargetPlan) -> None:
+    """PEFT cannot put a LoRA Conv2d layer around a LoHa/LoKr layer (it reads ``groups`` of the layer it
+    wraps); LoRA files must be loaded before LoHa/LoKr ones into the same model."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for target in plan.modules:
+        layer = model.get_submodule(target.path)
+        if target.kind == "conv" and isinstance(layer, BaseTunerLayer) and not isinstance(layer, LoraLayer):
+            raise LoraError(
+                f"A LoRA file cannot be added on top of a LoHa/LoKr adapter in the same model (layer "
+                f"'{target.label}': PEFT cannot wrap a LoHa/LoKr Conv2d layer in a LoRA layer). Load LoRA files "
+                "first, then LoHa/LoKr files."
+            )
+
+
 def apply_weights(
     unet: nn.Module | None,
     text_encoder: nn.Module | None,
@@ -297,6 +313,8 @@ def apply_weights(
     for comp, model, modules in parts:
         # (rank, alpha) with the module's scale alpha / rank; a LoKr of two full matrices has scale 1
         plan = plan_from_shapes(model, comp, {p: (m.rank, m.alpha) if m.rank else (1, 1.0) for p, m in modules.items()})
+        if method.name == "lora":
+            _check_lora_can_wrap(model, plan)
         plans[comp] = plan
         method.load_modules(model, plan, spec, adapter_name, modules)
         _verify(model, plan, adapter_name)

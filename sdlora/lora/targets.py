@@ -100,7 +100,11 @@ def get_preset(name: str) -> Preset:
 
 
 def canonical_path(component: Component, path: str) -> str:
-    """The module path used in names and files: text-encoder paths lose a leading ``text_model.``."""
+    """The module path used in names and files: text-encoder paths lose a leading ``text_model.``.
+
+    PEFT wrappers of different kinds nest (a LoHa layer around a LoRA layer when files of both
+    methods are loaded); the inner wrapper's ``.base_layer`` steps are not part of the name."""
+    path = path.replace(".base_layer", "")
     if is_text_encoder(component) and path.startswith("text_model."):
         return path[len("text_model.") :]
     return path
@@ -186,9 +190,10 @@ def describe_layer(module: nn.Module) -> tuple[Literal["linear", "conv"], int, i
 
 
 def base_layer(module: nn.Module) -> nn.Module:
-    """The original layer under a PEFT wrapper (or the module itself)."""
-    inner = getattr(module, "base_layer", None)
-    return inner if isinstance(inner, nn.Module) else module
+    """The original layer under a PEFT wrapper, through nested wrappers (or the module itself)."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer  # type: ignore[assignment]
+    return module
 
 
 def iter_adaptable(model: nn.Module, component: Component) -> Iterable[tuple[str, str, nn.Module]]:
