@@ -69,6 +69,11 @@ LABELS = {
     "num_class_images": "Number of class images",
     "flip_aug": "Flip augmentation",
     "enable_bucket": "Aspect-ratio buckets",
+    "embedding_tokens": "Learned trigger tokens (0 = off)",
+    "embedding_init": "Start tokens from word/phrase",
+    "embedding_only": "Textual inversion only (no LoRA)",
+    "embedding_lr": "Token learning rate",
+    "embedding_stop_fraction": "Stop tokens after share of steps",
 }
 
 SECTION_TITLES = {
