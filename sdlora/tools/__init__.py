@@ -7,7 +7,8 @@ Each tool writes its result atomically (a temporary name, then a rename) and ret
 Long loops call ``progress(done, total, label)`` when given. Bad input (a missing or non-LoRA
 file, a bad ``FILE:WEIGHT``, a rank below 1, files of different model families) raises
 :class:`ToolError` (a :class:`~sdlora.lora.errors.LoraError`) with a one-line message, or the file
-readers' ``LoraFileError`` / ``ModelLoadError``.
+readers' ``LoraFileError`` / ``ModelLoadError``. :func:`read_weights` reads a LoRA file into
+weights with its family (no base model needed for SD 1.x / 2.x / XL files).
 
 ::
 
@@ -24,7 +25,7 @@ readers' ``LoraFileError`` / ``ModelLoadError``.
 
 from __future__ import annotations
 
-from ._common import Progress, ToolError, ToolReport, parse_weighted
+from ._common import LoadedLora, ModelCache, Progress, ToolError, ToolReport, parse_weighted, read_weights
 from .combine import combine_loras, combine_weights
 from .extract import extract_from_models, extract_lora
 from .merge import merge_into, merge_weights
@@ -32,6 +33,8 @@ from .resize import DYNAMIC_METHODS, dynamic_rank, parse_dynamic, resize_lora, r
 
 __all__ = [
     "DYNAMIC_METHODS",
+    "LoadedLora",
+    "ModelCache",
     "Progress",
     "ToolError",
     "ToolReport",
@@ -44,6 +47,7 @@ __all__ = [
     "merge_weights",
     "parse_dynamic",
     "parse_weighted",
+    "read_weights",
     "resize_lora",
     "resize_weights",
 ]
