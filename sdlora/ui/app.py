@@ -1,4 +1,4 @@
-"""The web app's page: a header and the Dataset, Train, Preview and Export tabs (``tabs/``).
+"""The web app's page: a header and the Dataset, Train, Preview, Export and Tools tabs (``tabs/``).
 
 Handlers only call the library's public API - :mod:`sdlora.train` (config, start/stop, run summaries,
 the dataset check, export), :class:`sdlora.generate.Previewer`, :mod:`sdlora.lora.formats` inspection,
@@ -13,7 +13,7 @@ import gradio as gr
 from .context import AppContext
 from .errors import guarded
 from .server import ServerOptions
-from .tabs import DatasetTab, ExportTab, PreviewTab, TrainTab
+from .tabs import DatasetTab, ExportTab, PreviewTab, ToolsTab, TrainTab
 
 HEADER = ("## sdlora: train a style LoRA\n"
           "<span class='sdl-hint'>1. Dataset: upload images &nbsp; 2. Train &nbsp; 3. Preview with the "
@@ -29,7 +29,8 @@ class App:
         self.train = TrainTab(self.ctx)
         self.preview = PreviewTab(self.ctx)
         self.export = ExportTab(self.ctx)
-        self.tabs = (self.dataset, self.train, self.preview, self.export)
+        self.tools = ToolsTab(self.ctx)
+        self.tabs = (self.dataset, self.train, self.preview, self.export, self.tools)
 
     def build(self) -> gr.Blocks:
         # Generated previews and copies of served files go to gradio's cache: files older than a day
@@ -40,11 +41,14 @@ class App:
             with gr.Tabs(elem_id="sdl-tabs") as self.tabs_block:
                 for tab in self.tabs:
                     tab.layout()
+            for component in self.train.page_components:
+                component.render()
             # Tabs update each other's lists, so events are connected once every tab exists.
             self.dataset.wire(self.train)
             self.train.wire(self.dataset, self.preview)
             self.preview.wire()
             self.export.wire()
+            self.tools.wire()
 
             load_outputs = [c for tab in self.tabs for c in tab.load_outputs] + [self.tabs_block]
             loaded = demo.load(self.on_load, inputs=[self.train.saved], outputs=load_outputs,

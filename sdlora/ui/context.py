@@ -122,6 +122,27 @@ class AppContext:
             raise UIError(f"There is no run named {name!r}; pick a run from the list.", title="Run")
         return run
 
+    def weighted_loras(self, lora_runs: list[str] | None, lora_files: list[str] | None,
+                       weights: Any) -> list[tuple[str, float]]:
+        """(path, weight) of the chosen runs' final LoRAs and of uploaded files; the weights come from
+        the page's (LoRA, weight) table (1 where none is given)."""
+        from . import form
+
+        given = {str(r[0]): r[1] for r in form.table_rows(weights) if r and len(r) > 1}
+        out: list[tuple[str, float]] = []
+        for name in lora_runs or []:
+            run = self.existing_run(name)
+            if not run.lora_path.is_file():
+                raise UIError(f"Run '{name}' has no finished LoRA file yet; wait until it is done or export a "
+                              "checkpoint on the Export tab.", title="LoRA")
+            out.append((str(run.lora_path), form.parse_weight(given.get(name, 1.0), name)))
+        for f in lora_files or []:
+            p = Path(str(f))
+            if p.suffix.lower() != ".safetensors":
+                raise UIError(f"{p.name} is not a .safetensors LoRA file.", title="LoRA")
+            out.append((str(p), form.parse_weight(given.get(p.name, 1.0), p.name)))
+        return out
+
     # ---- preview ---------------------------------------------------------------------------------
     def needs_loading(self, base: str) -> bool:
         """Whether the next preview of ``base`` loads the model first (the first one takes a while)."""
@@ -150,3 +171,12 @@ def _new_secret(path: Path, value: str) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value)
     return value
+
+
+def lora_table(lora_runs: list[str] | None, lora_files: list[str] | None, lora_weights: Any) -> list[list[Any]]:
+    """Rows (LoRA, weight) for the chosen runs and files, keeping weights already typed in."""
+    from . import form
+
+    given = {str(r[0]): r[1] for r in form.table_rows(lora_weights) if r and len(r) > 1}
+    names = list(lora_runs or []) + [Path(str(f)).name for f in lora_files or []]
+    return [[n, given.get(n, 1.0)] for n in names]

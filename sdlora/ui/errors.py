@@ -43,8 +43,23 @@ def hide_folder(folder: Any, name: str) -> None:
     _HIDDEN.sort(key=lambda e: len(e[0]), reverse=True)
 
 
+def _upload_folders() -> list[str]:
+    """Where gradio keeps uploaded files (``<temp>/<hash>/<name>``)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    root = os.environ.get("GRADIO_TEMP_DIR") or str(Path(tempfile.gettempdir()) / "gradio")
+    return sorted({root.rstrip("/"), str(Path(root).resolve())}, key=len, reverse=True)
+
+
 def without_server_paths(text: str) -> str:
+    import re
+
     from ..resources import PACKAGE_DIR
+
+    for root in _upload_folders():  # an uploaded file is named by its own name
+        text = re.sub(re.escape(root) + r"/[0-9a-f]{16,}/", "", text)
 
     for path, name in [*_HIDDEN, (str(PACKAGE_DIR) + "/", "sdlora/")]:
         text = text.replace(path, name)

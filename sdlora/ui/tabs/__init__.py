@@ -9,6 +9,7 @@ return updates keyed by component, so an output list never has to line up with a
 from .dataset import DatasetTab
 from .export import ExportTab
 from .preview import PreviewTab
+from .tools import ToolsTab
 from .train import TrainTab
 
-__all__ = ["DatasetTab", "ExportTab", "PreviewTab", "TrainTab"]
+__all__ = ["DatasetTab", "ExportTab", "PreviewTab", "ToolsTab", "TrainTab"]

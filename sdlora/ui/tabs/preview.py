@@ -13,7 +13,7 @@ import gradio as gr
 
 from ...train import list_runs
 from .. import defaults, form
-from ..context import AppContext
+from ..context import AppContext, lora_table
 from ..errors import UIError, guarded
 
 
@@ -185,23 +185,6 @@ class PreviewTab:
         return {self.runs: gr.update(choices=names, value=[names[0]]),
                 **self.base_for_runs([names[0]], base, prompt)}
 
-    def _loras(self, lora_runs: list[str] | None, lora_files: list[str] | None,
-               weights: Any) -> list[tuple[str, float]]:
-        given = {str(r[0]): r[1] for r in form.table_rows(weights) if r and len(r) > 1}
-        out: list[tuple[str, float]] = []
-        for name in lora_runs or []:
-            run = self.ctx.existing_run(name)
-            if not run.lora_path.is_file():
-                raise UIError(f"Run '{name}' has no finished LoRA file yet; wait until it is done or export a "
-                              "checkpoint on the Export tab.", title="LoRA")
-            out.append((str(run.lora_path), form.parse_weight(given.get(name, 1.0), name)))
-        for f in lora_files or []:
-            p = Path(str(f))
-            if p.suffix.lower() != ".safetensors":
-                raise UIError(f"{p.name} is not a .safetensors LoRA file.", title="LoRA")
-            out.append((str(p), form.parse_weight(given.get(p.name, 1.0), p.name)))
-        return out
-
     def _request(self, values: dict[str, Any]) -> Generation:
         """The form's generation inputs, checked (every problem names the field)."""
         from ...generate import scheduler_names
@@ -222,7 +205,7 @@ class PreviewTab:
         for k in ("width", "height"):
             if kwargs[k] % 8:
                 raise UIError(f"{k.title()}: {kwargs[k]} is not a multiple of 8.", title="Size")
-        loras = self._loras(f.lora_runs, f.lora_files, f.lora_weights)
+        loras = self.ctx.weighted_loras(f.lora_runs, f.lora_files, f.lora_weights)
         base = self.ctx.check_base(f.base_model)
         if self.ctx.needs_loading(base):
             choice = self.ctx.base_choice(base)
@@ -266,9 +249,7 @@ class PreviewTab:
 
     def lora_table(self, lora_runs: list[str] | None, lora_files: list[str] | None, lora_weights: Any):
         """Rows (LoRA, weight) for the chosen runs and files, keeping weights already typed in."""
-        given = {str(r[0]): r[1] for r in form.table_rows(lora_weights) if r and len(r) > 1}
-        names = list(lora_runs or []) + [Path(str(f)).name for f in lora_files or []]
-        return [[n, given.get(n, 1.0)] for n in names]
+        return lora_table(lora_runs, lora_files, lora_weights)
 
     def size_for_base(self, base: str):
         """Choosing a base model sets the image size to its native size (1024 px for SDXL)."""
