@@ -112,6 +112,22 @@ def to_gr_error(exc: BaseException) -> gr.Error:
     return gr.Error(esc(text), title=title, print_exception=False)
 
 
+def skip_if_empty(result: Any) -> Any:
+    """A handler's result as gradio takes it: an empty dict of updates ("nothing changes") becomes
+    ``gr.skip()`` (gradio reads an empty dict as one value and fails for several outputs)."""
+    return gr.skip() if isinstance(result, dict) and not result else result
+
+
+def updates_only(fn: F) -> F:
+    """Wrap a handler that returns a dict of updates, possibly empty (see :func:`skip_if_empty`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any):
+        return skip_if_empty(fn(*args, **kwargs))
+
+    return wrapper  # type: ignore[return-value]
+
+
 def guarded(fn: F) -> F:
     """Wrap an event handler so that any failure reaches the page as a readable ``gr.Error``.
 
@@ -121,7 +137,7 @@ def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any):
         try:
-            return fn(*args, **kwargs)
+            return skip_if_empty(fn(*args, **kwargs))
         except gr.Error:
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a message in the page

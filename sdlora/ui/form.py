@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
 from pathlib import Path
 from typing import Any
 
@@ -146,21 +145,19 @@ def bounds(info: dict[str, Any]) -> tuple[float | None, float | None]:
     return info.get("min"), info.get("max")
 
 
-def FieldNumber(**kwargs: Any) -> gr.Number:  # noqa: N802 - used like a component class
-    """A ``gr.Number`` whose out-of-range message names the field (gradio's own says "Value 7 is greater
-    than maximum value 5." without saying which field). A plain Number with its check replaced: a
-    subclass would make gradio write a .pyi file next to this module."""
+def FieldNumber(*, minimum: float | None = None, maximum: float | None = None,  # noqa: N802 - used like a class
+                **kwargs: Any) -> gr.Number:
+    """A ``gr.Number`` for a field with a range (``minimum``..``maximum``, kept as ``.bounds``).
+
+    The range is checked by the handler that reads the field (:func:`settings_from_form` through the
+    config, :func:`parse_int`, :func:`parse_float`), whose message names the field's label, and shown in
+    the field's help where it has one. gradio's own check is left off: its message ("Value 7 is greater
+    than maximum value 5.") names no field, and a replaced check does not survive gradio rebuilding a
+    component from its class when an event updates it.
+    """
     number = gr.Number(**kwargs)
-    number.preprocess = types.MethodType(_checked_preprocess, number)  # type: ignore[method-assign]
+    number.bounds = (minimum, maximum)  # type: ignore[attr-defined]
     return number
-
-
-def _checked_preprocess(self: gr.Number, payload: float | None) -> float | int | None:
-    if payload is not None and ((self.minimum is not None and payload < self.minimum)
-                                or (self.maximum is not None and payload > self.maximum)):
-        raise gr.Error(f"{self.label}: {payload:g} is out of range; use {_range(self.minimum, self.maximum)}.",
-                       title="Invalid value", print_exception=False)
-    return gr.Number.preprocess(self, payload)
 
 
 def _num(x: float) -> str:

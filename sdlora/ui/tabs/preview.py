@@ -14,7 +14,7 @@ import gradio as gr
 from ...train import list_runs
 from .. import defaults, form
 from ..context import AppContext, lora_table
-from ..errors import UIError, guarded
+from ..errors import UIError, guarded, updates_only
 
 
 @dataclass
@@ -141,10 +141,10 @@ class PreviewTab:
         for changed in (self.runs.change, self.files.change):
             changed(self.lora_table, inputs=[self.runs, self.files, self.weights], outputs=self.weights,
                     api_visibility="private", show_progress="hidden")
-        self.runs.input(self.base_for_runs, inputs=[self.runs, self.base, self.prompt],
+        self.runs.input(updates_only(self.base_for_runs), inputs=[self.runs, self.base, self.prompt],
                         outputs=[self.base, self.width, self.height, self.prompt],
                         api_visibility="private", show_progress="hidden")
-        self.base.input(self.size_for_base, inputs=self.base, outputs=[self.width, self.height],
+        self.base.input(updates_only(self.size_for_base), inputs=self.base, outputs=[self.width, self.height],
                         api_visibility="private", show_progress="hidden")
         self.generate.click(self.preview, inputs_kwargs=dict(gen, scale=self.scale), outputs=self.image,
                             api_name="preview", concurrency_id="preview")

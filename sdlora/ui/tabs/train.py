@@ -114,14 +114,20 @@ class TrainTab:
             self.runs_df = gr.Dataframe(headers=runview.RUNS_HEADERS, value=runview.runs_table(ctx.runs_dir),
                                         label="Runs", interactive=False, wrap=True, elem_id="tr-runs",
                                         column_widths=["18%", "10%", "10%", "47%", "15%"])
-            # Non-visual components live inside the tab: a Tabs' direct child takes a slot in gradio's tab bar
-            # (it drew tabs twice).
-            self.timer = gr.Timer(1.0)
-            self.poll_state = gr.State(None)
-            self.saved = gr.BrowserState({}, storage_key=FORM_STORAGE_KEY, secret=ctx.browser_secret())
-            #: The values the page set last (form fields, trigger word, preview prompt): a field still
-            #: holding its value follows the next base or preset, a field the user changed stays.
-            self.applied = gr.State(start)
+        # Non-visual components are placed after the tabs (App.build renders them): as direct children of
+        # the tabs they took slots in gradio's tab bar (it drew tabs twice), and inside a tab that is not
+        # open yet the browser's saved form is not there when the page loads.
+        self.timer = gr.Timer(1.0, render=False)
+        self.poll_state = gr.State(None, render=False)
+        self.saved = gr.BrowserState({}, storage_key=FORM_STORAGE_KEY, secret=ctx.browser_secret(), render=False)
+        #: The values the page set last (form fields, trigger word, preview prompt): a field still
+        #: holding its value follows the next base or preset, a field the user changed stays.
+        self.applied = gr.State(start, render=False)
+
+    @property
+    def page_components(self) -> list[gr.components.Component]:
+        """Components that belong to the page rather than to the tab (see ``layout``)."""
+        return [self.timer, self.poll_state, self.saved, self.applied]
 
     # ---- events ---------------------------------------------------------------------------------
     def wire(self, dataset: DatasetTab, preview: PreviewTab) -> None:
@@ -134,7 +140,8 @@ class TrainTab:
                              prompt=preview.prompt, **self.cfg)
         remember = dict(fn=self.remember, inputs_kwargs=dict(base=self.base, preset=self.preset, run_name=self.run_name,
                                                              dataset=self.dataset, applied=self.applied, **self.cfg),
-                        outputs=self.saved, show_progress="hidden", api_visibility="private", queue=False)
+                        outputs=self.saved, show_progress="hidden", api_visibility="private", queue=False,
+                        preprocess=False)  # raw values: an out-of-range number is kept, not refused twice
         self.preset.input(self.apply_preset, inputs_kwargs=follow_inputs, outputs=follow_outputs,
                           api_visibility="private").then(**remember)
         self.base.input(self.base_changed, inputs_kwargs=follow_inputs, outputs=follow_outputs,
@@ -290,7 +297,7 @@ class TrainTab:
             return self._poll(watch, state)
         except Exception:  # noqa: BLE001 - a tick must never break the page; the next one retries
             log.exception("poll failed")
-            return {}
+            return gr.skip()
 
     def _poll(self, watch: str | None, old: PollState | None) -> dict:
         first = old is None
@@ -358,7 +365,9 @@ class TrainTab:
         new record of what the page set."""
         targets = {**self.cfg, "trigger_word": self.dataset_tab.trigger, "prompt": self.preview_tab.prompt,
                    "width": self.preview_tab.width, "height": self.preview_tab.height}
-        out: dict = {targets[k]: gr.update(value=v) for k, v in changes.items() if k in targets}
+        # Plain values, not gr.update(): gradio rebuilds a component from its class on a property update,
+        # which would drop the range check with the field's label that form.FieldNumber adds.
+        out: dict = {targets[k]: v for k, v in changes.items() if k in targets}
         out[self.applied] = dict(applied, **values)
         return out
 
