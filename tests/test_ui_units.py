@@ -389,6 +389,11 @@ def test_export_offers_the_runs_checkpoints_and_refuses_others(tmp_path):
         app.export.export_lora("r", "kohya", "step-15", 0)
     with pytest.raises(gr.Error, match="no final LoRA yet"):
         app.export.export_lora("r", "kohya", "final", 0)
+    assert _shown(app.export.export_info("r"))["ex-embedding"] is None  # no learned tokens: no embedding file
+    emb = run.path / "embeddings" / "r.safetensors"  # named after the run (no one-word trigger)
+    emb.parent.mkdir()
+    emb.write_bytes(b"x")
+    assert _shown(app.export.export_info("r"))["ex-embedding"] == emb
 
 
 def test_every_number_of_the_page_has_a_range(tmp_path):

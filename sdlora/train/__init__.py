@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .config import ConfigError, TrainConfig, lora_spec
 from .events import read_events
-from .export import RunExportError, export_run
+from .export import RunExportError, export_run, run_embedding_file
 from .loop import TrainingError, TrainResult, prepare_run, train
 from .run_info import (DatasetCheck, RunSummary, active_run, base_settings, dataset_check, export_steps, final_lora,
                        loss_curve, run_summaries, run_summary)
@@ -54,6 +54,7 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "export_run",
+    "run_embedding_file",
     "is_running",
     "lock_holder",
     "list_runs",

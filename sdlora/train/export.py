@@ -66,6 +66,16 @@ def run_embedding_path(run: RunDir) -> Path:
     return run.path / "embeddings" / f"{embedding_name(run.load_config())}.safetensors"
 
 
+def run_embedding_file(run: RunDir | str | os.PathLike[str]) -> Path | None:
+    """The run's embedding file when training wrote one (runs that learn trigger tokens), else None."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    try:
+        path = run_embedding_path(run)
+    except Exception:  # noqa: BLE001 - a run without a readable config has no embedding to offer
+        return None
+    return path if path.is_file() else None
+
+
 def write_run_embedding(run: RunDir, vectors, *, facts: Mapping[str, Any], step: int,
                         out: str | os.PathLike[str] | None = None, dtype: str | None = None) -> Path:
     """Write a run's trained token embeddings as an A1111/ComfyUI embedding file (atomically)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from ...train import export_run, export_steps, final_lora
+from ...train import export_run, export_steps, final_lora, run_embedding_file
 from .. import form, runview
 from ..context import AppContext
 from ..errors import UIError, guarded
@@ -78,6 +78,9 @@ class ExportTab:
                                              info="A lower rank is made by SVD of each module's update.", elem_id="ex-rank")
             self.export_btn = gr.Button("Export", variant="primary", elem_id="ex-export")
             self.file = gr.File(label="Download", interactive=False, elem_id="ex-file")
+            self.embedding = gr.File(label="Embedding of the learned trigger tokens (runs with embedding_tokens): "
+                                           "for A1111/Forge/ComfyUI's embeddings folder", interactive=False,
+                                     elem_id="ex-embedding", height=80)
             self.where = gr.Markdown(where_to_put(None), elem_id="ex-where")
             self.summary = gr.Textbox(label="What the file holds", lines=8, max_lines=16, interactive=False,
                                       elem_id="ex-summary")
@@ -86,7 +89,7 @@ class ExportTab:
 
     # ---- events ---------------------------------------------------------------------------------
     def wire(self) -> None:
-        self.run.input(self.export_info, inputs=self.run, outputs=[self.step, self.summary, self.meta],
+        self.run.input(self.export_info, inputs=self.run, outputs=[self.step, self.summary, self.meta, self.embedding],
                        api_name="export_info", show_progress="hidden").then(
             self.where_for, inputs=[self.run, self.file, self.fmt], outputs=self.where, api_visibility="private",
             show_progress="hidden")
@@ -94,7 +97,8 @@ class ExportTab:
                               outputs=[self.file, self.summary, self.meta], api_name="export").then(
             self.where_for, inputs=[self.run, self.file, self.fmt], outputs=self.where, api_visibility="private",
             show_progress="hidden")
-        self.tab.select(self.refresh, inputs=self.run, outputs=[self.run, self.step, self.summary, self.meta],
+        self.tab.select(self.refresh, inputs=self.run,
+                        outputs=[self.run, self.step, self.summary, self.meta, self.embedding],
                         api_visibility="private", show_progress="hidden").then(
             self.where_for, inputs=[self.run, self.file, self.fmt], outputs=self.where, api_visibility="private",
             show_progress="hidden")
@@ -114,16 +118,18 @@ class ExportTab:
     def _view(self, run_name: str | None) -> dict:
         """The run's export choices (final LoRA, checkpoints newest first) and what its final file holds."""
         choices = [("final LoRA", FINAL)]
-        summary, meta = "", {}
+        summary, meta, embedding = "", {}, None
         if run_name:
             run = self.ctx.existing_run(run_name)
+            embedding = run_embedding_file(run)
             final = final_lora(run)
             choices = ([("final LoRA", FINAL)] if final else []) + [(f"step-{n}", f"step-{n}")
                                                                     for n in export_steps(run)]
             choices = choices or [("final LoRA", FINAL)]
             if final:
                 summary, meta = inspection(final)
-        return {self.step: gr.update(choices=choices, value=choices[0][1]), self.summary: summary, self.meta: meta}
+        return {self.step: gr.update(choices=choices, value=choices[0][1]), self.summary: summary, self.meta: meta,
+                self.embedding: embedding}
 
     def base_kind(self, run_name: str | None) -> str | None:
         """"demo", "sd1", "sd2" or "sdxl": the kind of base a run was trained on (None when unknown)."""
@@ -157,7 +163,7 @@ class ExportTab:
         try:
             view = self._view(value)
         except Exception:  # noqa: BLE001 - a run that cannot be inspected just shows nothing
-            view = {self.summary: "", self.meta: {}}
+            view = {self.summary: "", self.meta: {}, self.embedding: None}
         return {self.run: gr.update(choices=names, value=value), **view}
 
     @guarded
