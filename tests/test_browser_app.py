@@ -293,13 +293,15 @@ def demo_app(tmp_path):
 
 
 def _shoot_tabs(ui: Page, artifacts_dir: Path, stem: str) -> None:
-    names = ["Dataset", "Train", "Preview", "Export"]
+    names = ["Dataset", "Train", "Preview", "Export", "Tools"]
     for tab in names:
         ui.tab(tab)
         ui.shot(artifacts_dir / f"{stem}-{tab.lower()}.png")
     # Each tab once in the tab bar, also after every tab was opened (a glitch drew opened tabs twice).
-    assert ui.page.evaluate("[...document.querySelectorAll('#sdl-tabs [role=tablist] button[role=tab]')]"
-                            ".map(b => b.innerText)") in (names, names[:2], names[:3]), stem  # narrow: rest in a menu
+    shown = ui.page.evaluate("[...document.querySelectorAll('#sdl-tabs [role=tablist] button[role=tab]')]"
+                             ".map(b => b.innerText)")
+    # On a narrow page some tabs are in the "more" menu (the open one stays in the bar).
+    assert len(shown) == len(set(shown)) >= 2 and set(shown) <= set(names), (stem, shown)
 
 
 def test_default_path_on_the_demo_model_shows_the_style(demo_app, browser, artifacts_dir, tmp_path):

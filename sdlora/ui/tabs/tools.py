@@ -102,11 +102,11 @@ class ToolsTab:
                                                               label="Conv rank (0 = Linear layers only)",
                                                               elem_id="tl-extract-conv-rank")
                 self.extract_btn = gr.Button("Extract", variant="primary", elem_id="tl-extract")
-            self.result = gr.File(label="Result", interactive=False, elem_id="tl-result")
+            self.result = gr.File(label="Result", interactive=False, elem_id="tl-result", height=100)
             self.summary = gr.Textbox(label="Report", lines=4, max_lines=12, interactive=False,
                                       elem_id="tl-summary")
-            self.table = gr.Dataframe(value=[], label="Per layer", interactive=False, wrap=True,
-                                      elem_id="tl-table", max_height=360)
+            self.table = gr.Dataframe(value=[], headers=["layer", "result"], label="Per layer", interactive=False,
+                                      wrap=True, elem_id="tl-table", max_height=360)
 
     # ---- events ---------------------------------------------------------------------------------
     def wire(self) -> None:
