@@ -49,8 +49,16 @@ fi
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"
 unset PYTHONHOME
+# Two worker processes (SDLORA_TEST_WORKERS, 0 = none): every test runs torch on one thread (tests/conftest.py),
+# so two workers use both cores of a 2-core CI machine. A test file stays on one worker (its module fixtures
+# are built once). Arguments that choose workers themselves (-n, -p no:xdist) are left alone.
+workers=(-n "${SDLORA_TEST_WORKERS:-2}" --dist loadfile)
+for arg in "$@"; do
+    case "$arg" in -n|-n*|--numprocesses*|no:xdist) workers=() ;; esac
+done
+[ "${SDLORA_TEST_WORKERS:-2}" = 0 ] && workers=()
 set +e
-"$VENV/bin/python" -m pytest "$@"
+"$VENV/bin/python" -m pytest "${workers[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
