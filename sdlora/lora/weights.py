@@ -74,8 +74,22 @@ def _tucker(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tenso
     return torch.einsum("i j k l, i p, j q -> p q k l", core.float(), out_factor.float(), in_factor.float())
 
 
+class _LayerShape:
+    """Layer kind and kernel of an adapter that records its layer's weight ``shape``."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def is_conv(self) -> bool:
+        return len(self.shape) == 4
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (int(self.shape[2]), int(self.shape[3])) if self.is_conv else (1, 1)
+
+
 @dataclass
-class ModuleLoha:
+class ModuleLoha(_LayerShape):
     """A LyCORIS LoHa (Hadamard product) adapter of one layer.
 
     ``delta W = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank`` (element-wise product), reshaped to
@@ -103,14 +117,6 @@ class ModuleLoha:
         return int(self.w1_b.shape[0])
 
     @property
-    def is_conv(self) -> bool:
-        return len(self.shape) == 4
-
-    @property
-    def kernel_size(self) -> tuple[int, int]:
-        return (int(self.shape[2]), int(self.shape[3])) if self.is_conv else (1, 1)
-
-    @property
     def scale(self) -> float:
         return float(self.alpha) / self.rank
 
@@ -128,7 +134,7 @@ class ModuleLoha:
 
 
 @dataclass
-class ModuleLokr:
+class ModuleLokr(_LayerShape):
     """A LyCORIS LoKr (Kronecker product) adapter of one layer.
 
     ``delta W = kron(w1, w2) * scale``, reshaped to the layer's weight ``shape``, where ``w1`` is
@@ -166,14 +172,6 @@ class ModuleLokr:
         if self.w1_b is not None:
             return int(self.w1_b.shape[0])
         return None
-
-    @property
-    def is_conv(self) -> bool:
-        return len(self.shape) == 4
-
-    @property
-    def kernel_size(self) -> tuple[int, int]:
-        return (int(self.shape[2]), int(self.shape[3])) if self.is_conv else (1, 1)
 
     @property
     def scale(self) -> float:
