@@ -251,3 +251,70 @@ def test_matmul_measurement_leaves_the_global_generator_alone():
     assert torch.equal(torch.get_rng_state(), state)
     with pytest.raises(ValueError, match="backend"):
         measure_matmul_flops(torch.float32, "cpu", "blas")
+
+
+def test_this_pytorch_has_the_onednn_ops_the_fast_path_uses():
+    assert speed.missing_onednn_ops() == []
+
+
+def test_a_missing_onednn_op_leaves_the_plain_path_with_one_warning(monkeypatch):
+    monkeypatch.setattr(speed, "ONEDNN_OPS", (*speed.ONEDNN_OPS, "_gone_in_a_later_release"))
+    heard: list[str] = []
+    net = Net()
+    report = prepare_for_training(net, None, "cpu", warn=heard.append)
+    assert report.frozen_convs == report.frozen_linears == 0 and not frozen_layers([net])
+    assert len(heard) == 1 and "_gone_in_a_later_release" in heard[0] and "plain" in heard[0]
+    _run(net, torch.randn(2, 64, 32, 32), "fp32")  # trains on the plain layers
+    restore(net)
+
+
+@pytest.mark.parametrize("failing", ["_convolution_pointwise", "_linear_pointwise", "_convolution_transpose_pointwise"])
+def test_an_op_failing_at_run_time_falls_back_to_the_plain_result(monkeypatch, failing):
+    """A private op whose signature changed fails on its first call: that call and every later one run the
+    plain layers (layers before it in that step ran fast: the same to fp32 rounding), the next step gives
+    exactly the plain step's result, and the warning comes once."""
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(2, 64, 32, 32)
+    plain = _run(net, x, "fp32")
+    real_op = speed._op
+
+    def op(name):
+        if name == failing:
+            def broken(*args, **kwargs):
+                raise RuntimeError(f"{name}() got an unexpected argument (a changed signature)")
+            return broken
+        return real_op(name)
+
+    monkeypatch.setattr(speed, "_op", op)
+    heard: list[str] = []
+    report = prepare_for_training(net, None, "cpu", SpeedOptions(memory="speed"), warn=heard.append)
+    assert report.frozen_convs == 3
+    out = _run(net, x, "fp32")
+    assert len(heard) == 1 and failing in heard[0], heard
+    for a, b in zip(out, plain):
+        assert _rel(a, b) < 1e-5
+    again = _run(net, x, "fp32")  # from now on the plain path: exactly the plain result
+    for a, b in zip(again, plain):
+        assert torch.equal(a, b)
+    assert len(heard) == 1
+    restore(net)
+
+
+def test_training_with_a_missing_op_or_speed_mode_off_trains_the_same(monkeypatch, tmp_path, tiny_model_dir):
+    """The whole trainer on the tiny model: with an op missing it says so once and trains; with
+    speed_mode = "off" it trains the plain layers. (The tiny layers are below MIN_MACS: both equal the
+    plain path bit for bit.)"""
+    from helpers import make_images, tiny_cfg
+    from safetensors.torch import load_file
+
+    from sdlora.train import RunDir, train
+
+    data = make_images(tmp_path / "data", n=4)
+    off = train(tiny_cfg(tmp_path, data, "off", "max_train_steps=3", "speed_mode=off", model=tiny_model_dir))
+    monkeypatch.setattr(speed, "ONEDNN_OPS", (*speed.ONEDNN_OPS, "_gone_in_a_later_release"))
+    fallback = train(tiny_cfg(tmp_path, data, "fallback", "max_train_steps=3", model=tiny_model_dir))
+    warnings = [e["text"] for e in RunDir(fallback.run_dir).events({"warning"})]
+    assert len([w for w in warnings if "_gone_in_a_later_release" in w]) == 1, warnings
+    assert any("speed_mode off" in e["text"] for e in RunDir(off.run_dir).events({"message"}))
+    a, b = load_file(off.lora_path), load_file(fallback.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -130,6 +130,9 @@ class TrainConfig:
     mixed_precision: str = _f("auto", section="optimizer", choices=PRECISIONS,
                               help="auto picks what is fast here (fp32 on CPUs without native bf16).")
     gradient_checkpointing: bool = _f(False, section="optimizer", help="Recompute activations to save memory.")
+    speed_mode: str = _f("auto", section="optimizer", choices=("auto", "off"),
+                         help="CPU fast paths for frozen layers and attention (auto: on where this PyTorch has the "
+                              "oneDNN ops they use, with a fall back to the plain path; off: the plain path).")
     # --- loss ------------------------------------------------------------------------------
     min_snr_gamma: float = _f(0.0, section="loss", min=0.0, max=100.0, help="Min-SNR-gamma loss weighting (0 = off, 5 suggested).")
     noise_offset: float = _f(0.0, section="loss", min=0.0, max=1.0, help="Noise offset (e.g. 0.05) for darker/brighter images.")

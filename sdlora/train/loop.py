@@ -271,7 +271,10 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
             te.gradient_checkpointing_enable()
     for m in adapter.models:
         m.train()
-    prepare_for_training(unet, trained_encoders, accelerator.device)
+    if cfg.speed_mode == "off":
+        log.emit(Message("speed_mode off: plain PyTorch layers (no CPU fast paths)"))
+    else:
+        prepare_for_training(unet, trained_encoders, accelerator.device, warn=lambda text: log.emit(Warning_(text)))
     if cfg.embedding_only:  # textual inversion: the adapter stays at its identity init, frozen, and is not exported
         for p in adapter.parameters():
             p.requires_grad_(False)

@@ -62,6 +62,49 @@ MIN_MACS = 1 << 24
 #: is 1.1x faster with SDPA (and needs far less memory).
 SMALL_ATTENTION_ENTRIES = 512 * 512
 
+#: PyTorch's private oneDNN ops the frozen-layer kernels call. They are not a public API and may change
+#: or vanish in another release: without any of them the kernels stay off, and a call that fails at run
+#: time switches every layer back to the plain path (see :func:`fall_back`).
+ONEDNN_OPS = ("_reorder_convolution_weight", "_reorder_convolution_transpose_weight", "_convolution_pointwise",
+              "_convolution_transpose_pointwise", "_linear_pointwise", "_is_mkldnn_bf16_supported")
+
+
+def _op(name: str) -> Any:
+    """``torch.ops.mkldnn.<name>`` (one place, so a missing or changed op is found and reported)."""
+    return getattr(torch.ops.mkldnn, name)
+
+
+def missing_onednn_ops() -> list[str]:
+    """The ops of :data:`ONEDNN_OPS` this PyTorch build does not have."""
+    missing = []
+    for name in ONEDNN_OPS:
+        try:
+            _op(name)
+        except (AttributeError, RuntimeError):
+            missing.append(name)
+    return missing
+
+
+#: Why the fast paths were switched off while running (None while they work), and who hears about it.
+_FALLBACK: str | None = None
+_REPORTER: Any = None
+
+
+def fall_back(reason: str) -> None:
+    """Switch every frozen layer to the plain path from now on (a oneDNN op failed), and say so once."""
+    global _FALLBACK
+    if _FALLBACK is not None:
+        return
+    _FALLBACK = reason
+    message = (f"CPU fast path off: {reason}; training goes on with the plain PyTorch layers (same results, "
+               "slower; set speed_mode = \"off\" to skip the fast path from the start)")
+    if _REPORTER is not None:
+        _REPORTER(message)
+    else:
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
 
 @dataclass(frozen=True)
 class SpeedOptions:
@@ -116,18 +159,28 @@ class SpeedReport:
 
 def prepare_for_training(unet: nn.Module, text_encoder: nn.Module | tuple[nn.Module, ...] | None,
                          device: torch.device | str,
-                         options: SpeedOptions | None = None) -> SpeedReport:
+                         options: SpeedOptions | None = None, *, warn: Any = None) -> SpeedReport:
     """Apply the measured speed settings to the models (in place) and say what was done.
 
     Call after the adapters are injected and the base weights frozen. Safe to call twice;
     :func:`restore` undoes it and :func:`suspended` pauses it. Training results do not depend
-    on it beyond floating-point summation order.
+    on it beyond floating-point summation order. ``warn(text)`` hears of a fall back to the plain
+    path (an op missing now, or failing later); without it a ``RuntimeWarning`` is issued.
     """
+    global _FALLBACK, _REPORTER
     options = options or SpeedOptions()
     dev = torch.device(device).type
     report = SpeedReport(device=dev)
+    _FALLBACK, _REPORTER = None, warn
     if dev != "cpu":
         return report
+    missing = missing_onednn_ops() if (options.frozen_convs or options.frozen_linears) else []
+    if missing:
+        fall_back(f"this PyTorch ({torch.__version__}) lacks the oneDNN op(s) {', '.join(missing)}")
+        report.notes.append("frozen-weight kernels off: oneDNN op(s) missing")
+        options = SpeedOptions(frozen_convs=False, frozen_linears=False,
+                               skip_lora_input_cast=options.skip_lora_input_cast, attention=options.attention,
+                               memory=options.memory)
     encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else (text_encoder,)
     models = [m for m in (unet, *encoders) if m is not None]
     report.memory = options.memory
@@ -279,12 +332,12 @@ _BF16_OK: bool | None = None
 def _bf16_ok() -> bool:
     global _BF16_OK
     if _BF16_OK is None:
-        _BF16_OK = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        _BF16_OK = bool(_op("_is_mkldnn_bf16_supported")())
     return _BF16_OK
 
 
 def _fast_path_allowed(module: nn.Module, x: torch.Tensor) -> bool:
-    if _SUSPENDED:
+    if _SUSPENDED or _FALLBACK is not None:
         return False
     if not torch.is_grad_enabled():
         # Sampling (possibly with adapters merged into these weights): plain path, drop the packs.
@@ -315,9 +368,13 @@ class FrozenConv2d(nn.Conv2d):
         cache = self._sdlora_cache
         if dtype is None or (cache.low_memory and dtype != torch.bfloat16):
             return super().forward(input)
-        packs = cache.get(_weights_key(self, dtype), lambda: self._pack(dtype, input.shape, not cache.low_memory))
-        x = input.to(dtype).contiguous(memory_format=torch.channels_last)
-        return _PackedConv.apply(x, packs, self)
+        try:
+            packs = cache.get(_weights_key(self, dtype), lambda: self._pack(dtype, input.shape, not cache.low_memory))
+            x = input.to(dtype).contiguous(memory_format=torch.channels_last)
+            return _PackedConv.apply(x, packs, self)
+        except (RuntimeError, TypeError, AttributeError) as e:  # a private op changed in this PyTorch
+            fall_back(f"oneDNN convolution failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            return super().forward(input)
 
     def _pack(self, dtype: torch.dtype, input_shape: torch.Size, backward: bool) -> dict[str, Any]:
         w = self.weight.detach().to(dtype)
@@ -325,7 +382,7 @@ class FrozenConv2d(nn.Conv2d):
         out_hw = [(input_shape[i + 2] + 2 * padding[i] - dilation[i] * (self.kernel_size[i] - 1) - 1) // stride[i] + 1
                   for i in range(2)]
         out_shape = [input_shape[0], self.out_channels, *out_hw]
-        fwd = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, self.groups,
+        fwd = _op("_reorder_convolution_weight")(w, padding, stride, dilation, self.groups,
                                                            list(input_shape))
         items: dict[str, Any] = {"fwd": fwd, "bias": None if self.bias is None else self.bias.detach().to(dtype)}
         if not backward:
@@ -336,13 +393,13 @@ class FrozenConv2d(nn.Conv2d):
             pad_t = [dilation[i] * (self.kernel_size[i] - 1) - padding[i] for i in range(2)]
             if min(pad_t) >= 0:
                 wt = w.transpose(0, 1).flip(2, 3).contiguous()
-                items["bwd"] = torch.ops.mkldnn._reorder_convolution_weight(wt, pad_t, [1, 1], dilation, 1, out_shape)
+                items["bwd"] = _op("_reorder_convolution_weight")(wt, pad_t, [1, 1], dilation, 1, out_shape)
                 items["bwd_kind"] = ("conv", pad_t)
         if "bwd" not in items:
             # Strided layers: the input gradient is a transposed convolution with the same weight.
             out_pad = [input_shape[i + 2] - ((out_hw[i] - 1) * stride[i] - 2 * padding[i]
                                              + dilation[i] * (self.kernel_size[i] - 1) + 1) for i in range(2)]
-            items["bwd"] = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+            items["bwd"] = _op("_reorder_convolution_transpose_weight")(
                 w, padding, out_pad, stride, dilation, self.groups, out_shape)
             items["bwd_kind"] = ("transpose", out_pad)
             items["bwd_shape"] = tuple(input_shape[2:])
@@ -355,7 +412,7 @@ class _PackedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, packs: dict[str, Any], layer: FrozenConv2d) -> torch.Tensor:  # type: ignore[override]
         ctx.packs, ctx.layer, ctx.in_hw = packs, layer, tuple(x.shape[2:])
-        return torch.ops.mkldnn._convolution_pointwise(
+        return _op("_convolution_pointwise")(
             x, packs["fwd"], packs["bias"], list(layer.padding), list(layer.stride), list(layer.dilation),
             layer.groups, "none", [], "")
 
@@ -365,11 +422,21 @@ class _PackedConv(torch.autograd.Function):
             return None, None, None
         packs, layer = ctx.packs, ctx.layer
         g = grad.contiguous(memory_format=torch.channels_last)
-        if "bwd" not in packs:
-            # Low-memory mode: no input-gradient pack; the weight is cast per call as in the plain layer.
-            gx = torch.nn.grad.conv2d_input((g.shape[0], layer.in_channels, *ctx.in_hw), layer.weight.detach().to(g.dtype),
-                                            g, layer.stride, layer.padding, layer.dilation, layer.groups)
-            return gx, None, None
+        if "bwd" in packs and _FALLBACK is None:
+            try:
+                return _PackedConv._packed_input_grad(ctx, g), None, None
+            except (RuntimeError, TypeError, AttributeError) as e:  # a private op changed in this PyTorch
+                fall_back(f"oneDNN convolution failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        # Low-memory mode (no input-gradient pack) or after a fall back: the weight is cast per call as in
+        # the plain layer.
+        gx = torch.nn.grad.conv2d_input((g.shape[0], layer.in_channels, *ctx.in_hw), layer.weight.detach().to(g.dtype),
+                                        g, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return gx, None, None
+
+    @staticmethod
+    def _packed_input_grad(ctx, g: torch.Tensor) -> torch.Tensor:
+        """The input gradient through the input-gradient pack."""
+        packs, layer = ctx.packs, ctx.layer
         kind, extra = packs["bwd_kind"]
         out_pad = extra
         if kind == "transpose" and ctx.in_hw != packs.get("bwd_shape"):
@@ -377,13 +444,11 @@ class _PackedConv(torch.autograd.Function):
             out_pad = [ctx.in_hw[i] - ((g.shape[i + 2] - 1) * layer.stride[i] - 2 * layer.padding[i]
                                        + layer.dilation[i] * (layer.kernel_size[i] - 1) + 1) for i in range(2)]
         if kind == "conv":
-            gx = torch.ops.mkldnn._convolution_pointwise(g, packs["bwd"], None, extra, [1, 1], list(layer.dilation), 1,
-                                                         "none", [], "")
-        else:
-            gx = torch.ops.mkldnn._convolution_transpose_pointwise(
-                g, packs["bwd"], None, list(layer.padding), out_pad, list(layer.stride), list(layer.dilation),
-                layer.groups, "none", [], "")
-        return gx, None, None
+            return _op("_convolution_pointwise")(g, packs["bwd"], None, extra, [1, 1], list(layer.dilation), 1,
+                                                 "none", [], "")
+        return _op("_convolution_transpose_pointwise")(
+            g, packs["bwd"], None, list(layer.padding), out_pad, list(layer.stride), list(layer.dilation),
+            layer.groups, "none", [], "")
 
 
 class FrozenLinear(nn.Linear):
@@ -408,7 +473,11 @@ class FrozenLinear(nn.Linear):
             weights = self._sdlora_cache.get(_weights_key(self, dtype), lambda: {
                 "w": self.weight.detach().to(dtype),
                 "bias": None if self.bias is None else self.bias.detach().to(dtype)})
-        return _OneDnnLinear.apply(input.to(dtype), weights)
+        try:
+            return _OneDnnLinear.apply(input.to(dtype), weights)
+        except (RuntimeError, TypeError, AttributeError) as e:  # a private op changed in this PyTorch
+            fall_back(f"oneDNN linear failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            return super().forward(input)
 
 
 class _OneDnnLinear(torch.autograd.Function):
@@ -420,7 +489,7 @@ class _OneDnnLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = torch.ops.mkldnn._linear_pointwise(x2, weights["w"], weights["bias"], "none", [], "")
+        y = _op("_linear_pointwise")(x2, weights["w"], weights["bias"], "none", [], "")
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -431,7 +500,14 @@ class _OneDnnLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         if not g2.is_contiguous():
             g2 = g2.contiguous()
-        gx = torch.ops.mkldnn._linear_pointwise(g2, w.t(), None, "none", [], "")
+        gx = None
+        if _FALLBACK is None:
+            try:
+                gx = _op("_linear_pointwise")(g2, w.t(), None, "none", [], "")
+            except (RuntimeError, TypeError, AttributeError) as e:  # a private op changed in this PyTorch
+                fall_back(f"oneDNN linear failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if gx is None:
+            gx = g2 @ w.to(g2.dtype)
         return gx.view(*grad.shape[:-1], gx.shape[-1]), None
 
 
