@@ -63,6 +63,7 @@ class RowResult:
     peak_kind: str = ""
     file_bytes: int = 0
     lora_path: str = ""
+    embedding_path: str = ""  # runs that learn trigger tokens: runs/<name>/embeddings/<word>.safetensors
     notes: str = ""
     style: float | None = None
     style_half: float | None = None
@@ -110,23 +111,28 @@ def run_child(spec: dict[str, Any]) -> None:
     result = train(cfg, callbacks=[on_event])
     total = time.perf_counter() - t0
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    from sdlora.train.export import run_embedding_file
+
+    embedding = run_embedding_file(result.run_dir)
     state = torch.load(Path(result.checkpoint) / "optimizer.pt", map_location="cpu", weights_only=True)["state"]
     optimizer_bytes = sum(t.numel() * t.element_size() for entry in state.values() for t in entry.values()
                           if isinstance(t, torch.Tensor))
     trained = sum(max((t.numel() for t in entry.values() if isinstance(t, torch.Tensor)), default=0)
                   for entry in state.values())
-    out = dict(lora_path=str(result.lora_path), train_seconds=total, trained_params=trained,
-               optimizer_bytes=optimizer_bytes, sec_per_step=statistics.median(gaps) if gaps else total,
+    out = dict(lora_path=str(result.lora_path or ""), embedding_path=str(embedding or ""), train_seconds=total,
+               trained_params=trained, optimizer_bytes=optimizer_bytes, sec_per_step=statistics.median(gaps) if gaps else total,
                cuda_peak=torch.cuda.max_memory_allocated() if cuda else 0)
     Path(spec["result"]).write_text(json.dumps(out))
 
 
-def train_row(args: argparse.Namespace, row: str, method: str, work: Path) -> RowResult:
+def train_row(args: argparse.Namespace, row: str, method: str, work: Path, extra_sets: list[str] | None = None,
+              title: str = "") -> RowResult:
+    """Train one row in a child process; ``extra_sets`` (default: ``ROW_SETTINGS``) are more --set overrides."""
     from sdlora.lora.variants import get_method
 
-    res = RowResult(row=row, method=method, title="LoRA+" if row == "lora+" else get_method(method).title)
+    res = RowResult(row=row, method=method, title=title or ("LoRA+" if row == "lora+" else get_method(method).title))
     config, sets = base_sets(args, work / "runs", row)
-    sets += [f"network_type={method}", *ROW_SETTINGS.get(row, (method, []))[1]]
+    sets += [f"network_type={method}", *(ROW_SETTINGS.get(row, (method, []))[1] if extra_sets is None else extra_sets)]
     spec = dict(config=str(config), sets=sets, threads=args.threads, result=str(work / f"{row}.json"))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     log = open(work / f"{row}.log", "w")
@@ -145,6 +151,7 @@ def train_row(args: argparse.Namespace, row: str, method: str, work: Path) -> Ro
     data = json.loads(Path(spec["result"]).read_text())
     res.ok = True
     res.lora_path = data["lora_path"]
+    res.embedding_path = data.get("embedding_path", "")
     res.train_seconds = data["train_seconds"]
     res.trained_params = data["trained_params"]
     res.optimizer_bytes = data["optimizer_bytes"]
@@ -153,7 +160,7 @@ def train_row(args: argparse.Namespace, row: str, method: str, work: Path) -> Ro
         res.peak_bytes, res.peak_kind = data["cuda_peak"], "CUDA allocated"
     else:
         res.peak_bytes, res.peak_kind = usage.ru_maxrss * 1024, "process RSS"
-    res.file_bytes = Path(res.lora_path).stat().st_size
+    res.file_bytes = Path(res.lora_path or res.embedding_path).stat().st_size  # textual inversion: no LoRA file
     return res
 
 
@@ -286,14 +293,15 @@ def model_id(base: str) -> str:
     return f" (UNet weights sha256 {hashlib.sha256(weights[0].read_bytes()).hexdigest()[:12]})"
 
 
-def write_block(out: Path, block: str) -> None:
-    text = out.read_text() if out.is_file() else f"# Adapter methods\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+def write_block(out: Path, block: str, begin: str = BEGIN, end: str = END, title: str = "# Adapter methods") -> None:
+    """Replace the generated block between ``begin`` and ``end`` in ``out`` (appended when missing)."""
+    text = out.read_text() if out.is_file() else f"{title}\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text = text.rstrip() + f"\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+    tmp.write_text(f"{head}{begin}\n{block}\n{end}{tail}")
     tmp.replace(out)
 
 
