@@ -158,13 +158,80 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from .lora.formats import inspect_file
 
     info = inspect_file(a.file)
+    if not info["modules"] and not info.get("embeddings"):
+        checkpoint = _checkpoint_info(a.file) or _embedding_info(a.file)  # a model or an embedding, not a LoRA
+        if checkpoint is None:
+            stray = info.get("stray_keys") or []
+            raise UserError(f"{a.file}: no LoRA module in it ({len(stray)} other key(s), e.g. "
+                            f"{stray[0] if stray else '-'}): not a LoRA, embedding or Stable Diffusion checkpoint file.")
+        info = checkpoint
     if a.json:
         print(json.dumps(info, indent=1, default=str))
+        return 0
+    if info.get("kind") == "checkpoint":
+        print(_format_checkpoint(info))
+        return 0
+    if info.get("kind") == "embedding":
+        print(f"file:         {info['path']}\nkind:         a textual-inversion embedding ({info['vectors']} "
+              f"vector(s), {' + '.join(map(str, info['widths']))} wide; "
+              f"{'SDXL: clip_l + clip_g' if len(info['widths']) == 2 else 'SD 1.x/2.x'}), for A1111/Forge and ComfyUI's "
+              "embeddings folder or diffusers' load_textual_inversion")
         return 0
     from .lora.formats import format_inspection
 
     print(format_inspection(info))
     return 0
+
+
+def _checkpoint_info(path: str) -> dict | None:
+    """What a Stable Diffusion checkpoint file is (family, prediction, what was merged into it), or None."""
+    from .models.loading import ModelLoadError
+    from .models.single_file import detect_single_file
+    from .lora.formats.io import read_metadata
+
+    try:
+        info = detect_single_file(path)
+    except ModelLoadError:
+        return None
+    return {"kind": "checkpoint", **info, "metadata": read_metadata(path)}
+
+
+def _embedding_info(path: str) -> dict | None:
+    """What a standalone embedding file holds (vectors, width per text encoder), or None."""
+    from .lora.errors import LoraError
+    from .lora.formats.embedding import read_embeddings
+
+    try:
+        (name, vectors), = read_embeddings(path).items()
+    except (LoraError, ValueError):
+        return None
+    return {"kind": "embedding", "path": path, "name": name, "vectors": int(vectors[0].shape[0]),
+            "widths": [int(v.shape[-1]) for v in vectors]}
+
+
+def _format_checkpoint(info: dict) -> str:
+    from pathlib import Path
+
+    names = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+    lines = [f"file:         {Path(info['path']).name} ({Path(info['path']).stat().st_size / 2**20:.2f} MB)",
+             f"kind:         {names.get(info['family'], info['family'])} model checkpoint (not a LoRA), "
+             f"{info['format']} layout, {info['prediction_type']} prediction",
+             f"resolution:   {info.get('resolution')}"]
+    merged = info["metadata"].get("sdlora_merged_loras")
+    if merged:
+        try:
+            items = ", ".join(f"{m['file']} x{m['weight']:g}" for m in json.loads(merged))
+        except (ValueError, KeyError, TypeError):
+            items = merged
+        lines.append(f"merged:       {items} into {info['metadata'].get('sdlora_merged_base', '?')}")
+    notes = info.get("notes") or []
+    lines += [f"note:         {n}" for n in ([notes] if isinstance(notes, str) else notes)]
+    if info["metadata"]:
+        lines.append("metadata:")
+        width = max(len(k) for k in info["metadata"])
+        lines += [f"  {k.ljust(width)} {v if len(v) <= 100 else v[:90] + f'... ({len(v)} characters)'}"
+                  for k, v in sorted(info["metadata"].items())]
+    return "\n".join(lines)
 
 
 def cmd_export(a: argparse.Namespace) -> int:

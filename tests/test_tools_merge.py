@@ -153,6 +153,19 @@ def test_cli_merge_into(sd1, tmp_path, capsys):
     assert main(["merge-into", str(sd1["dir"]), "--lora", f"{a}:0.8", "--out", str(out), "--dtype", "fp32"]) == 0
     printed = capsys.readouterr().out
     assert out.is_file() and str(out) in printed and "merged 1 LoRA(s)" in printed
+    # inspect says what the written file is: a model checkpoint, with the LoRA merged into it.
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "SD 1.x model checkpoint (not a LoRA)" in shown and f"{a.name} x0.8" in shown, shown
+    # An embedding file, and a file that is none of LoRA / embedding / checkpoint.
+    from safetensors.torch import save_file
+
+    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(tmp_path / "emb.safetensors"))
+    assert main(["inspect", str(tmp_path / "emb.safetensors")]) == 0
+    assert "embedding (2 vector(s), 768 + 1280 wide; SDXL" in capsys.readouterr().out
+    save_file({"conv_in.weight": torch.zeros(2, 2), "conv_in.bias": torch.zeros(2)}, str(tmp_path / "unet.safetensors"))
+    assert main(["inspect", str(tmp_path / "unet.safetensors")]) == 1
+    assert "not a LoRA, embedding or Stable Diffusion checkpoint" in capsys.readouterr().err
 
     assert main(["merge-into", str(sd1["dir"]), "--lora", f"{a}:strong", "--out", str(tmp_path / "y.safetensors")]) == 1
     err = capsys.readouterr().err.strip()
