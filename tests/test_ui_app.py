@@ -280,8 +280,9 @@ def test_train_preview_export_round_trip(app, client, tiny_spec, tmp_path):
     pipe = pipe2
     assert np.abs(render() - plain).mean() > 1e-4
     # A checkpoint at a lower rank exports too.
-    choices, _, shown = client.predict(run="ui-run", api_name="/export_info")
+    choices, _, shown, embedding = client.predict(run="ui-run", api_name="/export_info")
     assert shown == meta  # the metadata shown before exporting is what the file carries
+    assert embedding is None  # no learned trigger tokens in this run: no embedding file offered
     steps = [c[1] if isinstance(c, (list, tuple)) else c for c in choices["choices"]]
     assert "final" in steps and any(s.startswith("step-") for s in steps)
     cp = next(s for s in steps if s.startswith("step-"))
