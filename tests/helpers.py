@@ -110,3 +110,17 @@ def a1111_dora_weight(weight, down, up, alpha, dora_scale, multiplier):
     columns = merged.transpose(0, 1).reshape(merged.shape[1], -1)
     norm = columns.norm(dim=1).reshape(1, -1, *([1] * (weight.ndim - 2)))
     return weight + multiplier * (merged * (dora_scale.reshape(norm.shape) / norm) - weight)
+
+
+def resume_from_copy(run_dir: Path, step: int, dest: Path):
+    """Resume a copy of a run that holds only its config and its ``step-N`` checkpoint (in ``dest``): what a
+    run stopped at step N would have. Returns the training result."""
+    import shutil
+
+    from sdlora.train import RunDir, train
+
+    run = RunDir(run_dir)
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copy2(run.config_path, dest / "config.toml")
+    shutil.copytree(run.checkpoints_dir / f"step-{step}", dest / "checkpoints" / f"step-{step}")
+    return train(resume=dest)

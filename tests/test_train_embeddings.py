@@ -4,7 +4,6 @@ new rows train, exact resume, the A1111/ComfyUI embedding file and the bundled L
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from sdlora.train import RunDir, train
 from sdlora.train.config import ConfigError, TrainConfig
 from sdlora.train.embeddings import TokenEmbeddingWithNewRows, add_trained_tokens
 
-from helpers import make_images, tiny_cfg
+from helpers import make_images, resume_from_copy, tiny_cfg
 
 EMB = ("embedding_tokens=2", "sample_prompts=[]", "max_train_steps=6", "save_every_n_steps=3", "network_preset=attn",
        "embedding_lr=5e-2")
@@ -164,12 +163,8 @@ def test_pivotal_run_writes_the_lora_with_bundled_embeddings_and_the_embedding_f
 
 def test_pivotal_resume_is_exact(pivotal, tmp_path):
     _, straight = pivotal
-    run = RunDir(straight.run_dir)
     dest = tmp_path / "resumed"
-    (dest / "checkpoints").mkdir(parents=True)
-    shutil.copy2(run.config_path, dest / "config.toml")
-    shutil.copytree(run.checkpoints_dir / "step-3", dest / "checkpoints" / "step-3")
-    resumed = train(resume=dest)
+    resumed = resume_from_copy(straight.run_dir, 3, dest)
     a, b = load_file(str(straight.lora_path)), load_file(str(resumed.lora_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ea = load_file(str(straight.run_dir / "embeddings" / "tinystyle.safetensors"))

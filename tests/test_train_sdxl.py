@@ -13,6 +13,8 @@ from sdlora.resources import CONFIGS_DIR
 from sdlora.train import TrainConfig, train
 from sdlora.train.conditioning import Conditioner, time_ids
 
+from helpers import resume_from_copy
+
 CONFIG = CONFIGS_DIR / "tiny.toml"
 PROMPT = "a red square, in sdxlstyle style"
 
@@ -149,16 +151,7 @@ def test_sdxl_frozen_encoders_use_the_cache_and_resume_exactly(tmp_path, tiny_sd
     events = [e for e in straight.run_dir.joinpath("events.jsonl").read_text().splitlines() if "cached training images" in e]
     assert events and "captions encoded" in events[0] and "latents encoded" in events[0]
 
-    import shutil
-
-    from sdlora.train import RunDir
-
-    run = RunDir(straight.run_dir)
-    dest = tmp_path / "resumed"
-    (dest / "checkpoints").mkdir(parents=True)
-    shutil.copy2(run.config_path, dest / "config.toml")
-    shutil.copytree(run.checkpoints_dir / "step-3", dest / "checkpoints" / "step-3")
-    resumed = train(resume=dest)
+    resumed = resume_from_copy(straight.run_dir, 3, tmp_path / "resumed")
     a, b = load_file(str(straight.lora_path)), load_file(str(resumed.lora_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
