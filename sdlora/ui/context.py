@@ -122,6 +122,12 @@ class AppContext:
             raise UIError(f"There is no run named {name!r}; pick a run from the list.", title="Run")
         return run
 
+    def lora_run_names(self) -> list[str]:
+        """Names of the runs that have a finished LoRA file, newest first."""
+        from ..train import list_runs
+
+        return [st["name"] for st in list_runs(self.runs_dir) if st.get("lora")]
+
     def weighted_loras(self, lora_runs: list[str] | None, lora_files: list[str] | None,
                        weights: Any) -> list[tuple[str, float]]:
         """(path, weight) of the chosen runs' final LoRAs and of uploaded files; the weights come from

@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from ...train import list_runs
 from .. import defaults, form
 from ..context import AppContext, lora_table
 from ..errors import UIError, guarded, updates_only
@@ -169,7 +168,7 @@ class PreviewTab:
 
     # ---- handlers -------------------------------------------------------------------------------
     def _lora_runs(self) -> list[str]:
-        return [st["name"] for st in list_runs(self.ctx.runs_dir) if st.get("lora")]
+        return self.ctx.lora_run_names()
 
     def refresh_runs(self) -> dict:
         """The runs with a finished LoRA (opening the tab shows runs that finished meanwhile)."""

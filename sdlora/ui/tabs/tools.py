@@ -12,7 +12,6 @@ from typing import Any
 import gradio as gr
 
 from ...paths import safe_name
-from ...train import list_runs
 from .. import form
 from ..context import AppContext, lora_table
 from ..errors import UIError, guarded, without_server_paths
@@ -144,7 +143,7 @@ class ToolsTab:
     # ---- handlers -------------------------------------------------------------------------------
     def refresh_runs(self):
         """The runs with a finished LoRA."""
-        return gr.update(choices=[st["name"] for st in list_runs(self.ctx.runs_dir) if st.get("lora")])
+        return gr.update(choices=self.ctx.lora_run_names())
 
     def _out(self, name: str | None, default: str, suffix: str = ".safetensors") -> Path:
         """Where a result goes: ``<runs>/_tools/<name>.safetensors``, the name sanitised."""
