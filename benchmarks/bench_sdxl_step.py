@@ -84,12 +84,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -116,8 +113,6 @@ from bench_train_step import (  # noqa: E402
 FAMILY = "sdxl"
 CAPTION = "a lighthouse on a cliff, in sks style"
 KOHYA_TOKENIZERS = ("openai/clip-vit-large-patch14", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")
-#: ``MemAvailable`` under which a benchmark subprocess is ended (the machine must stay usable)
-MIN_AVAILABLE_GB = 1.0
 
 
 def need_gb(size: int, *, gradient_checkpointing: bool, full: bool) -> float:
@@ -165,132 +160,10 @@ def parse_setup_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# Memory watch ------------------------------------------------------------------------------------
+# Memory watch and whole processes: benchmarks/peers.py -------------------------------------------------
 
-
-def mem_available_gb() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _tree_cpu_rss(root: int) -> tuple[float, float]:
-    """CPU seconds and RSS (GB) of a process and its descendants (Linux /proc)."""
-    hz, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
-    kids: dict[int, list[int]] = {}
-    stat: dict[int, tuple[float, float]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            s = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue
-        rest = s[s.rfind(")") + 2:].split()
-        kids.setdefault(int(rest[1]), []).append(int(name))
-        stat[int(name)] = ((int(rest[11]) + int(rest[12])) / hz, int(rest[21]) * page / 1e9)
-    cpu = rss = 0.0
-    stack = [root]
-    while stack:
-        pid = stack.pop()
-        c, r = stat.get(pid, (0.0, 0.0))
-        cpu, rss = cpu + c, rss + r
-        stack.extend(kids.get(pid, []))
-    return cpu, rss
-
-
-class Watched:
-    """A subprocess (own process group) whose output is read segment by segment (``\\r`` or ``\\n``,
-    as tqdm writes), stamped with the arrival time, while the machine's memory is watched: the
-    process group is ended when ``MemAvailable`` falls under ``MIN_AVAILABLE_GB``."""
-
-    def __init__(self, cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-                 on_segment=None):
-        self.segments: list[tuple[float, str]] = []
-        self.samples: list[tuple[float, float, float, float]] = []   # time, machine busy s, tree cpu s, tree rss GB
-        self.killed_for_memory = False
-        self.on_segment = on_segment
-        self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                     start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._watcher = threading.Thread(target=self._watch, daemon=True)
-        self._watcher.start()
-
-    def _read(self) -> None:
-        fd, buf = self.proc.stdout.fileno(), b""
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            buf += chunk
-            while True:
-                cut = [i for i in (buf.find(b"\r"), buf.find(b"\n")) if i >= 0]
-                if not cut:
-                    break
-                seg, buf = buf[:min(cut)], buf[min(cut) + 1:]
-                if seg.strip():
-                    self._segment(seg.decode("utf-8", "replace"))
-        if buf.strip():
-            self._segment(buf.decode("utf-8", "replace"))
-
-    def _segment(self, text: str) -> None:
-        now = time.monotonic()
-        self.segments.append((now, text))
-        if self.on_segment:
-            self.on_segment(now, text)
-
-    def _watch(self) -> None:
-        while self.proc.poll() is None:
-            cpu, rss = _tree_cpu_rss(self.proc.pid)
-            self.samples.append((time.monotonic(), _busy_seconds() or 0.0, cpu, rss))
-            avail = mem_available_gb()
-            if avail is not None and avail < MIN_AVAILABLE_GB:
-                self.killed_for_memory = True
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                return
-            time.sleep(0.5)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            rc = self.proc.wait()
-        self._reader.join(5)
-        self._watcher.join(5)
-        return rc
-
-    def output(self, last: int = 40) -> str:
-        return "\n".join(t for _, t in self.segments[-last:])
-
-    def own_cpu_between(self, a: float, b: float) -> float | None:
-        """CPU seconds of this process tree between monotonic times a and b (0.5 s samples)."""
-        if len(self.samples) < 2 or b <= a:
-            return None
-        ca = min(self.samples, key=lambda s: abs(s[0] - a))[2]
-        cb = min(self.samples, key=lambda s: abs(s[0] - b))[2]
-        return cb - ca
-
-    def others_between(self, a: float, b: float) -> float | None:
-        """Cores used by processes outside this tree between monotonic times a and b."""
-        if len(self.samples) < 2 or b <= a:
-            return None
-
-        def at(t):
-            best = min(self.samples, key=lambda s: abs(s[0] - t))
-            return best[1], best[2]
-
-        (ba, ca), (bb, cb) = at(a), at(b)
-        return max(0.0, ((bb - ba) - (cb - ca)) / (b - a))
+from peers import MIN_AVAILABLE_GB, Job, Watched, load_line as _load_line, mem_available_gb  # noqa: E402
+from peers import run as run_process  # noqa: E402
 
 
 # Models and the step -------------------------------------------------------------------------------
@@ -497,83 +370,19 @@ def run_child(spec: dict, timeout: float = 7200, echo: bool = False) -> dict:
     return out
 
 
-# kohya sd-scripts ------------------------------------------------------------------------------------
-
-STEP_BAR = re.compile(r"^\s*steps:.*?\|\s*(\d+)/(\d+)\s*\[")
+# kohya sd-scripts and sdlora's CLI as whole processes ------------------------------------------------
 
 
-def kohya_command(peers: Path, name: str, size: int, steps: int, preset: str, rank: int, *,
-                  gradient_checkpointing: bool = False) -> list[str]:
-    out = peers / "runs" / f"{name}-out"
-    cmd = [
-        "/usr/bin/time", "-v", "-o", str(peers / "runs" / f"{name}.time"),
-        str(peers / "venv-kohya" / "bin" / "python"), "sdxl_train_network.py",
-        "--pretrained_model_name_or_path", str(peers / "sdxl-random"),
-        "--tokenizer_cache_dir", str(peers / "tokcache"),
-        "--train_data_dir", str(peers / "data" / f"sdxl-{size}"), "--caption_extension", ".txt",
-        "--output_dir", str(out), "--output_name", "lora", "--save_model_as", "safetensors",
-        "--save_precision", "float",
-        "--resolution", str(size), "--train_batch_size", "1", "--gradient_accumulation_steps", "1",
-        "--network_module", "networks.lora", "--network_dim", str(rank), "--network_alpha", str(rank),
-        "--network_train_unet_only",
-        "--learning_rate", "1e-4", "--optimizer_type", "AdamW", "--lr_scheduler", "constant",
-        "--max_train_steps", str(steps), "--seed", "0", "--mixed_precision", "no",
-        "--cache_latents", "--cache_text_encoder_outputs", "--sdpa", "--max_data_loader_n_workers", "0",
-    ]
-    if preset == "full":
-        cmd += ["--network_args", f"conv_dim={rank}", f"conv_alpha={rank}"]
-    if gradient_checkpointing:
-        cmd += ["--gradient_checkpointing"]
-    return cmd
-
-
-def _time_v_maxrss_gb(path: Path) -> float | None:
-    try:
-        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", path.read_text())
-    except OSError:
-        return None
-    return int(m.group(1)) / 2**20 if m else None
-
-
-def run_kohya(peers: Path, name: str, size: int, steps: int, preset: str, rank: int, *, threads: int,
-              gradient_checkpointing: bool = False, timeout: float = 7200) -> dict:
-    """One kohya run; step times from its ``steps`` progress bar (time from one count to the next),
-    cores used by other processes during each step, peak RSS from ``/usr/bin/time -v``."""
-    (peers / "runs").mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(peers / "runs" / f"{name}-out", ignore_errors=True)
-    env = dict(os.environ)
-    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(peers / "shim"))
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    env.pop("VIRTUAL_ENV", None)
-    first_seen: dict[int, float] = {}
-    log = (peers / "runs" / f"{name}.log").open("w", encoding="utf-8", buffering=1)
-    t0 = time.monotonic()
-
-    def on_segment(now: float, text: str) -> None:
-        log.write(f"{now - t0:10.3f} {text}\n")
-        m = STEP_BAR.search(text)
-        if m:
-            first_seen.setdefault(int(m.group(1)), now)
-
-    cmd = kohya_command(peers, name, size, steps, preset, rank, gradient_checkpointing=gradient_checkpointing)
-    w = Watched(cmd, env=env, cwd=peers / "sd-scripts", on_segment=on_segment)
-    rc = w.wait(timeout)
-    log.close()
-    result = {"name": name, "size": size, "preset": preset, "rc": rc, "command": " ".join(cmd),
-              "maxrss_gb": _time_v_maxrss_gb(peers / "runs" / f"{name}.time"), "wall_s": time.monotonic() - t0}
-    if w.killed_for_memory:
-        result["error"] = f"ended: MemAvailable fell under {MIN_AVAILABLE_GB} GiB"
-    elif rc != 0:
-        result["error"] = f"exit {rc}: {w.output(15)[-2000:]}"
-    rows = []
-    for n in sorted(first_seen):
-        if n >= 1 and n - 1 in first_seen:
-            a, b = first_seen[n - 1], first_seen[n]
-            rows.append({"step": n, "wall": b - a, "cpu": w.own_cpu_between(a, b), "others": w.others_between(a, b)})
-    result["steps"] = rows
-    result["start_s"] = first_seen[0] - t0 if 0 in first_seen else None
-    return result
+def run_trainer(trainer: str, peers: Path, name: str, size: int, steps: int, preset: str, rank: int, *,
+                threads: int, gradient_checkpointing: bool = False) -> dict:
+    """One whole training process (``peers.run``) as a dict: step times from its progress (one
+    step's end to the next), cores used by other processes during each step, peak RSS."""
+    job = Job("sdxl", size, steps, preset=preset, rank=rank, gradient_checkpointing=gradient_checkpointing,
+              threads=threads)
+    r = run_process(trainer, peers, job, name=name)
+    out = r.to_dict()
+    out.update(size=size, preset=preset, command=" ".join(r.command))
+    return out
 
 
 # Setup -------------------------------------------------------------------------------------------
@@ -699,11 +508,6 @@ def _check_memory(what: str, size: int, *, gradient_checkpointing: bool, full: b
     return None
 
 
-def _load_line() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["setup"]:
@@ -791,15 +595,17 @@ def main(argv: list[str] | None = None) -> int:
     peers: list[dict] = []
     peers_dir = args.peers.resolve() if args.peers else None
 
-    def kohya(name: str, size: int, preset: str, steps: int, gc: bool, memory_run: bool) -> None:
-        note = _check_memory(f"kohya {name}", size, gradient_checkpointing=gc, full=True)
+    def kohya(name: str, size: int, preset: str, steps: int, gc: bool, memory_run: bool, trainer: str = "kohya") -> dict:
+        note = _check_memory(f"{trainer} {name}", size, gradient_checkpointing=gc, full=True)
         if note:
             print("  " + note, flush=True)
-            peers.append({"name": name, "size": size, "preset": preset, "error": note, "steps": [],
-                          "memory_run": memory_run})
-            return
-        print(f"  kohya {name}: {_load_line()}, {mem_available_gb() or float('nan'):.1f} GB available", flush=True)
-        k = run_kohya(peers_dir, name, size, steps, preset, args.rank, threads=args.threads, gradient_checkpointing=gc)
+            k = {"name": name, "size": size, "preset": preset, "error": note, "steps": [], "memory_run": memory_run,
+                 "trainer": trainer}
+            peers.append(k)
+            return k
+        print(f"  {trainer} {name}: {_load_line()}, {mem_available_gb() or float('nan'):.1f} GB available", flush=True)
+        k = run_trainer(trainer, peers_dir, name, size, steps, preset, args.rank, threads=args.threads,
+                        gradient_checkpointing=gc)
         k["gradient_checkpointing"], k["memory_run"] = gc, memory_run
         peers.append(k)
         timed_rows = [s for s in k["steps"] if s["step"] >= 2] or k["steps"]
@@ -815,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{k['others_cores_median'] or 0:.1f} cores)"
                  if walls else "") + (f"; peak RSS {k['maxrss_gb']:.2f} GiB" if k["maxrss_gb"] else "")
               + f"; whole run {k['wall_s']:.0f} s", flush=True)
+        return k
 
     if peers_dir and presets:
         print(f"\nkohya sd-scripts sdxl_train_network.py in {peers_dir} right after sdlora's timings (one process at "
@@ -824,7 +631,15 @@ def main(argv: list[str] | None = None) -> int:
             kohya(f"sdxl-{p}-{args.size}{gc_tag}", args.size, p, args.steps + 1, args.gradient_checkpointing, False)
 
     rss = None
-    if not args.skip_rss:
+    if not args.skip_rss and peers_dir:
+        # The real thing: `sdlora train` as a user runs it, then kohya, same model, image and settings.
+        print(f"\npeak RSS of whole training processes ({args.rss_size} px, fp32, attn-mlp, gradient checkpointing, "
+              f"{args.rss_steps} step(s); /usr/bin/time -v), one after the other:", flush=True)
+        rss = kohya(f"sdlora-sdxl-attn-mlp-{args.rss_size}-gc", args.rss_size, "attn-mlp", args.rss_steps, True, True,
+                    trainer="sdlora")
+        if args.peer_rss == "yes":
+            kohya(f"sdxl-attn-mlp-{args.rss_size}-gc", args.rss_size, "attn-mlp", args.rss_steps, True, True)
+    elif not args.skip_rss:
         spec = {"kind": "rss", "preset": "attn-mlp", "rank": args.rank, "precision": auto_precision,
                 "size": args.rss_size, "mode": "auto", "threads": args.threads, "steps": args.rss_steps}
         note = _check_memory("sdlora peak-RSS run", args.rss_size, gradient_checkpointing=True, full=True)
@@ -840,8 +655,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  sdlora: {rss['maxrss_mb'] / 1024:.2f} GiB (VmHWM; {rss['maxrss_before_steps_mb'] / 1024:.2f} GiB "
                   f"after building the models and encoding the caption and a {args.rss_size} px image); steps "
                   + ", ".join(f"{s['wall']:.0f} s" for s in rss["steps"]) + f"; {rss['settings']}", flush=True)
-        if peers_dir and args.peer_rss == "yes":
-            kohya(f"sdxl-attn-mlp-{args.rss_size}-gc", args.rss_size, "attn-mlp", args.rss_steps, True, True)
 
     if peers_dir:
         gc_note = ", gradient checkpointing" if args.gradient_checkpointing else ""
@@ -860,11 +673,12 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"       CPU seconds per step: sdlora {sd_cpu:.1f} s, kohya {k['cpu_median_s']:.1f} s = "
                               f"{sd_cpu / k['cpu_median_s']:.2f}x (less sensitive to the load; OpenMP spinning included)")
         for k in peers:
-            if not k.get("memory_run"):
+            if not k.get("memory_run") or k.get("trainer") == "sdlora":
                 continue
-            if rss and "maxrss_mb" in rss and k.get("maxrss_gb") and "error" not in k:
-                print(f"  peak RSS {args.rss_size} px, gradient checkpointing: sdlora {rss['maxrss_mb'] / 1024:.2f} GiB, "
-                      f"kohya {k['maxrss_gb']:.2f} GiB = {rss['maxrss_mb'] / 1024 / k['maxrss_gb']:.2f}x   (target <= 1x)")
+            ours = (rss or {}).get("maxrss_gb")
+            if ours and k.get("maxrss_gb") and not k.get("error") and not rss.get("error"):
+                print(f"  peak RSS {args.rss_size} px, gradient checkpointing: sdlora {ours:.2f} GiB, "
+                      f"kohya {k['maxrss_gb']:.2f} GiB = {ours / k['maxrss_gb']:.2f}x   (target <= 1x; whole processes)")
             else:
                 print(f"  peak RSS {args.rss_size} px: no comparison ({k.get('error') or (rss or {}).get('error')})")
         for k in peers:

@@ -21,15 +21,25 @@ param groups. Printed, all measured in the same run:
   ``ru_maxrss`` of the process's own memory);
 * with ``--threads-compare``: the step in subprocesses with different OpenMP thread settings.
 
-The reference step times of other trainers (kohya sd-scripts, diffusers' DreamBooth-LoRA example)
-were measured on another machine (an AVX2-only 2-core EPYC, fp32); their ratios are printed for
-orientation and are not a same-machine comparison.
+With ``--peers DIR`` the same job also runs as whole training processes, one after the other on
+this machine (``benchmarks/peers.py``): kohya sd-scripts' ``train_network.py`` (``--cache_latents
+--sdpa``, attn-mlp = its default LoRA; full = ``conv_dim``/``conv_alpha`` 16), diffusers'
+DreamBooth-LoRA example, and ``sdlora train`` itself, all on ``DIR/sd15-random`` (the same SD 1.5
+architecture with random weights) and the same images, timed step to step from their progress
+(data loading and the optimizer included), with the whole job (launch to exit) split into start,
+steps and end, and the cores other processes used meanwhile. Then the ratios. Without ``--peers``
+no other trainer's figure is printed: a ratio against a figure from another machine says nothing.
+The peers' folders are set up outside the project as ``../shared/peer-bench/setup.sh`` does (see
+``peers.py``).
 
 Usage::
 
     python benchmarks/bench_train_step.py                      # default run, under 10 minutes on 2 cores
     python benchmarks/bench_train_step.py --steps 5 --presets attn-mlp --precisions bf16 --skip-rss
     python benchmarks/bench_train_step.py --threads-compare --skip-rss --presets attn-mlp
+    python benchmarks/bench_train_step.py --skip-rss --peers /tmp/peers --peer-steps 20   # + kohya, diffusers
+    python benchmarks/bench_train_step.py --presets '' --skip-rss --peers /tmp/peers --peer-steps 100 \
+        --peer-trainers sdlora,kohya --peer-presets attn-mlp                              # the whole job
 
 OpenMP reads its settings when torch is imported, so they are set here before that:
 ``GOMP_SPINCOUNT=1000`` (threads spin briefly, then sleep) unless ``--omp`` says otherwise or the
@@ -51,15 +61,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "sdlora" / "models" / "configs" / "sd1"
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-#: Seconds per step of other trainers at 256 px, batch 1, rank 16, fp32, UNet-only LoRA, cached
-#: latents where they have it; measured on an AVX2-only 2-core EPYC (not this machine).
-REFERENCE_STEP_S = {
-    ("attn-mlp", "kohya sd-scripts train_network.py --cache_latents"): 7.8,
-    ("full", "kohya sd-scripts train_network.py --cache_latents, conv_dim=16"): 8.9,
-    ("attn-mlp", "diffusers train_dreambooth_lora.py (VAE every step)"): 12.6,
-}
+from peers import busy_seconds as _busy_seconds  # noqa: E402  (no torch import)
+CONFIGS = ROOT / "sdlora" / "models" / "configs" / "sd1"
 
 PRECISION_NAMES = {"fp32": "no", "bf16": "bf16"}
 
@@ -91,6 +96,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "plain and both memory modes of the speed settings, in this process")
     p.add_argument("--threads-compare", action="store_true",
                    help="also time the step in subprocesses with different OpenMP thread settings")
+    p.add_argument("--peers", type=Path, help="folder of the peer trainers (see peers.py): also run kohya sd-scripts, "
+                                              "diffusers' example and sdlora's CLI as whole processes, same job")
+    p.add_argument("--peer-steps", type=int, default=20, help="steps of each whole-process run (default 20)")
+    p.add_argument("--peer-presets", default="", help="presets of the whole-process runs (default: --presets)")
+    p.add_argument("--peer-trainers", default="sdlora,kohya,diffusers",
+                   help="which whole-process runs (default sdlora,kohya,diffusers; diffusers runs its own attention-only LoRA once)")
+    p.add_argument("--peer-precisions", default="fp32", help="precisions of the whole-process runs (fp32, bf16; default fp32)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timings: the top N ops of one sdlora step by self CPU time (torch.profiler), per preset")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one measurement in this process
     return p.parse_args(argv)
@@ -234,15 +248,6 @@ class Trainer:
             self.models.unet.disable_gradient_checkpointing()
 
 
-def _busy_seconds() -> float | None:
-    """CPU seconds used by all processes of the machine so far (Linux), or None."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def timed(fn) -> dict:
     """Wall and CPU seconds of one call, and the cores other processes used meanwhile."""
     busy, cpu, t = _busy_seconds(), time.process_time(), time.perf_counter()
@@ -346,6 +351,22 @@ def bench_checkpointing(models: Models, size: int, precision: str, args) -> dict
     return {"size": size, "precision": precision, **times}
 
 
+def profile_step(models: Models, preset: str, precision: str, args, top: int) -> str:
+    """The top ``top`` ops of one sdlora step (after two warm-up steps) by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = train_config(preset, args.rank, PRECISION_NAMES[precision])
+    trainer = Trainer(models, cfg, args.size, speed=True)
+    try:
+        trainer.step()
+        trainer.step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.step()
+        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
+    finally:
+        trainer.remove()
+
+
 def bench_preset(models: Models, preset: str, precision: str, args) -> dict:
     """Plain and sdlora step of one preset and precision, interleaved, plus the step's FLOPs."""
     from sdlora.train.speed import suspended
@@ -431,6 +452,63 @@ def run_child(spec: dict, env: dict[str, str] | None = None, timeout: float = 18
 # Main --------------------------------------------------------------------------------------------
 
 
+def run_peers(args, presets: list[str], results: list[dict]) -> list:
+    """The whole-process runs of ``--peers``, one at a time, and the same-run ratios."""
+    import peers as P
+
+    peer_dir = args.peers.resolve()
+    trainers = [t.strip() for t in args.peer_trainers.split(",") if t.strip()]
+    missing = P.check_peers(peer_dir, "sd15", [t for t in trainers if t != "sdlora"])
+    if missing:
+        raise SystemExit(f"--peers {peer_dir}: missing {', '.join(missing)} (set it up as ../shared/peer-bench/setup.sh does)")
+    peer_presets = [p.strip() for p in (args.peer_presets or ",".join(presets) or "attn-mlp").split(",") if p.strip()]
+    mp = {"fp32": "no", "bf16": "bf16"}
+    precisions = [p.strip() for p in args.peer_precisions.split(",") if p.strip()]
+    print(f"\nwhole training processes on {peer_dir / 'sd15-random'} ({args.size} px, batch 1, rank {args.rank}, UNet-only "
+          f"LoRA, AdamW, {args.peer_steps} steps), one at a time; {P.load_line()}:", flush=True)
+    out: list = []
+    for precision in precisions:
+        for preset in peer_presets:
+            for trainer in [t for t in trainers if t in ("sdlora", "kohya")]:
+                job = P.Job("sd15", args.size, args.peer_steps, preset=preset, rank=args.rank,
+                            precision=mp[precision], threads=args.threads)
+                out.append(P.run(trainer, peer_dir, job, echo=lambda t: print("  " + t, flush=True)))
+        if "diffusers" in trainers:
+            job = P.Job("sd15", args.size, args.peer_steps, preset="attn", rank=args.rank, precision=mp[precision],
+                        threads=args.threads)
+            out.append(P.run("diffusers", peer_dir, job, echo=lambda t: print("  " + t, flush=True)))
+
+    def find(trainer, preset, precision):
+        return next((r for r in out if r.trainer == trainer and r.job.preset == preset and r.job.precision == precision
+                     and r.median_step() and not r.error), None)
+
+    print("\nsdlora / peer, same machine, same run (< 1: sdlora faster; steps 2..N, step to step; the job: launch to "
+          "exit):")
+    for precision in precisions:
+        for preset in peer_presets:
+            ours, kohya = find("sdlora", preset, mp[precision]), find("kohya", preset, mp[precision])
+            if ours and kohya:
+                print(f"  {preset:9s} {precision} step: sdlora {ours.median_step():.2f} s / kohya {kohya.median_step():.2f} s = "
+                      f"{ours.median_step() / kohya.median_step():.2f}x (target <= 0.8x); CPU s/step "
+                      f"{ours.median_of('cpu') or float('nan'):.2f} / {kohya.median_of('cpu') or float('nan'):.2f}; "
+                      f"others used {ours.median_of('others') or 0:.2f} / {kohya.median_of('others') or 0:.2f} cores")
+                print(f"  {preset:9s} {precision} job of {args.peer_steps} steps: sdlora {ours.wall_s:.0f} s / kohya "
+                      f"{kohya.wall_s:.0f} s = {ours.wall_s / kohya.wall_s:.2f}x; peak RSS {ours.maxrss_gb or 0:.2f} / "
+                      f"{kohya.maxrss_gb or 0:.2f} GiB")
+            for r in results:  # the in-process step beside the process's own
+                if ours and r["preset"] == preset and r["precision"] == precision:
+                    print(f"  {preset:9s} {precision}: in-process step {r['sdlora_median_s']:.2f} s, the CLI process's "
+                          f"{ours.median_step():.2f} s")
+        diff = find("diffusers", "attn", mp[precision])
+        for preset in peer_presets:
+            ours = find("sdlora", preset, mp[precision])
+            if ours and diff:
+                print(f"  {preset:9s} {precision} vs diffusers' example (its attention-only LoRA, VAE + text encoder "
+                      f"every step): {ours.median_step():.2f} / {diff.median_step():.2f} s = "
+                      f"{ours.median_step() / diff.median_step():.2f}x; job {ours.wall_s:.0f} / {diff.wall_s:.0f} s")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -505,12 +583,15 @@ def main(argv: list[str] | None = None) -> int:
         if abs(r["flops_sdlora_path"] - r["flops"]) > 0.02 * r["flops"]:
             print(f"  note: {r['preset']} {r['precision']}: the sdlora path counted {r['flops_sdlora_path'] / 1e9:.1f} GFLOP")
 
-    print("\nreference trainers (measured on an AVX2-only 2-core EPYC in fp32, not on this machine):")
-    for (preset, name), secs in REFERENCE_STEP_S.items():
-        for r in results:
-            if r["preset"] == preset:
-                print(f"  {name}: {secs:.1f} s/step; sdlora {r['precision']} {preset} here {r['sdlora_median_s']:.2f} s "
-                      f"= {r['sdlora_median_s'] / secs:.2f}x")
+    if args.profile:
+        for preset in presets:
+            models = Models()
+            for precision in precisions:
+                print(f"\nprofile of one sdlora step, {preset} {precision} (self CPU time):")
+                print(profile_step(models, preset, precision, args, args.profile), flush=True)
+            del models
+
+    peers = run_peers(args, presets, results) if args.peers else []
 
     ablation = []
     if args.ablation and presets:
@@ -593,9 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": torch.get_num_threads(), "openmp": _omp_env_text(),
                 "bf16_speedup": bf16_speedup, "load_start": load_start, "load_end": load_end,
                 "peaks": peaks, "results": results, "rss": rss, "thread_settings": threads,
-                "checkpointing": checkpointing, "ablation": ablation}
+                "checkpointing": checkpointing, "ablation": ablation, "peers": [r.to_dict() for r in peers]}
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
+        tmp.write_text(json.dumps(data, indent=1, default=str))
         os.replace(tmp, args.json)
     return 0
 

@@ -94,6 +94,9 @@ class TrainData:
                                            flip_aug=cfg.flip_aug, seed=cfg.seed)
         # Captions are encoded every step while the text encoder or new token embeddings train.
         cache_text = not cfg.train_text_encoder and not cfg.embedding_tokens and not captions.varies
+        #: Whether the steps never call the text encoders / the VAE (their outputs are all cached).
+        self.text_cached = cache_text
+        self.latents_cached = bool(cfg.cache_latents)
         key = f"{cfg.pretrained_model_name_or_path}|{base.vae.dtype}"
         self.source = self._cached(self.dataset, cache_text, key, cache_dir, log, "training images")
         self.sampler = BucketBatchSampler(self.dataset.bucket_of_index, cfg.train_batch_size * self.world, seed=cfg.seed)

@@ -141,6 +141,7 @@ class TrainConfig:
     save_last_n_checkpoints: int = _f(3, section="saving", min=1, max=1000, help="How many checkpoints to keep.")
     save_precision: str = _f("float", section="saving", choices=SAVE_PRECISIONS, help="Precision of the exported LoRA file.")
     sample_every_n_steps: int = _f(0, section="samples", min=0, max=1_000_000, help="Generate samples every N steps (0 = only at the end).")
+    sample_at_end: bool = _f(True, section="samples", help="Generate samples when training ends (off: the run ends with its LoRA file, as kohya's does without sample options).")
     sample_prompts: list = _f(factory=list, section="samples", help="Prompts for samples; {trigger} is replaced.")
     sample_negative_prompt: str = _f("", section="samples", help="Negative prompt of the samples.")
     sample_seed: int = _f(1234, section="samples", min=0, max=2**32 - 1, help="Seed of the samples (fixed, so samples are comparable).")

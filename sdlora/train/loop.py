@@ -136,8 +136,8 @@ def _train_locked(cfg: TrainConfig, run: RunDir, accelerator, callbacks, precisi
         log.emit(Warning_(precision_warning))
     step = 0
     try:
-        with _StopFlag() as stop:
-            return _train(cfg, run, accelerator, log, stop, precision, resumed)
+        with _StopFlag() as stop, contextlib.ExitStack() as cleanup:
+            return _train(cfg, run, accelerator, log, stop, precision, resumed, cleanup)
     except (TrainingError, ConfigError) as e:
         _fail(run, log, accelerator, step, str(e))
         raise
@@ -216,7 +216,7 @@ def _disk_full_message(run: RunDir) -> str:
 
 
 def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _StopFlag, precision: str,
-           resumed: bool) -> TrainResult:
+           resumed: bool, cleanup: contextlib.ExitStack) -> TrainResult:
     from diffusers.optimization import get_scheduler
 
     from ..models.loading import load_base
@@ -336,6 +336,8 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
             accelerator.backward(out.loss)
         return out
 
+    parking = _park_frozen(run, base, data, adapter, accelerator, log)
+    cleanup.callback(parking.discard)
     params = [p for g in param_groups for p in g["params"]]
     peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32, accelerator.device.type)
     flops_per_step = _measure_step_flops(micro_step, data, params, optimizer) * cfg.gradient_accumulation_steps
@@ -388,7 +390,8 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         want_stop = _all_agree(stop.set, accelerator)
         last = step >= cfg.max_train_steps
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and not last and accelerator.is_main_process:
-            samples.make_samples(cfg, base, run, step, log)
+            with parking.restored():
+                samples.make_samples(cfg, base, run, step, log)
         if want_stop or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0) or last:
             cp = _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelerator, log, tokens)
             if want_stop and not last:
@@ -404,7 +407,9 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
         raise TrainingError(f"the {len(digests)} processes ended with different adapter weights: {digests}")
     lora_path = None
     if accelerator.is_main_process:
-        samples.make_samples(cfg, base, run, step, log)
+        if cfg.sample_at_end:
+            parking.restore()
+            samples.make_samples(cfg, base, run, step, log)
         facts = save_facts(run, family=base.family, prediction_type=base.prediction_type, title=cfg.output_name,
                            dtype=save_dtype(cfg), metadata=training_facts(cfg, data, step, t_start))
         embedding = None
@@ -423,6 +428,29 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
                   processes=accelerator.num_processes, adapter_digests=digests))
     accelerator.end_training()
     return TrainResult(run.path, "done", step, lora_path, run.latest_checkpoint())
+
+
+def _park_frozen(run: RunDir, base, data, adapter, accelerator, log: EventLog):
+    """The VAE and text encoders out of memory while the steps run, where the steps never call
+    them (all their outputs cached, nothing of them trains); see ``train.parking``."""
+    from .parking import Parking
+
+    holding = {id(m) for m in adapter.models}
+    candidates = {"vae": base.vae} if data.latents_cached else {}
+    if data.text_cached:
+        candidates.update({f"text_encoder_{i + 1}": te for i, te in enumerate(base.text_encoders)})
+    modules = {k: m for k, m in candidates.items()
+               if id(m) not in holding and not any(p.requires_grad for p in m.parameters())}
+    parking = Parking(modules, accelerator.device, run.parked_dir, accelerator.process_index)
+    if modules:
+        names = " and ".join(", ".join(modules).rsplit(", ", 1))
+        where = "to the CPU" if accelerator.device.type != "cpu" else f"to disk ({run.parked_dir.name})"
+        if parking.park():
+            log.emit(Message(f"moved the frozen {names} {where} until the samples "
+                             f"({parking.nbytes / 1e9:.2f} GB): their outputs are cached"))
+        else:
+            log.emit(Message(f"kept the frozen {names} in memory: {parking.reason}"))
+    return parking
 
 
 def _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelerator, log, tokens=None) -> Path | None:

@@ -62,6 +62,12 @@ class RunDir:
         return self.path / "train.log"
 
     @property
+    def parked_dir(self) -> Path:
+        """Where frozen models wait on disk while the steps run (``train.parking``); a ``.tmp``
+        name, so what a killed process leaves is removed like its other partial files."""
+        return self.path / ".parked.tmp"
+
+    @property
     def lora_path(self) -> Path:
         return self.path / f"{self.name}.safetensors"
 
