@@ -465,7 +465,9 @@ def run_peers(args, presets: list[str], results: list[dict]) -> list:
     mp = {"fp32": "no", "bf16": "bf16"}
     precisions = [p.strip() for p in args.peer_precisions.split(",") if p.strip()]
     print(f"\nwhole training processes on {peer_dir / 'sd15-random'} ({args.size} px, batch 1, rank {args.rank}, UNet-only "
-          f"LoRA, AdamW, {args.peer_steps} steps), one at a time; {P.load_line()}:", flush=True)
+          f"LoRA, AdamW, {args.peer_steps} steps), one at a time, each with the environment this benchmark started "
+          f"with ({', '.join(f'{k}={v}' for k, v in P.BASE_ENV.items() if k.startswith(('OMP_', 'GOMP_', 'MKL_'))) or 'OpenMP defaults'}); "
+          f"{P.load_line()}:", flush=True)
     out: list = []
     for precision in precisions:
         for preset in peer_presets:

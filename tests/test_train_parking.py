@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from sdlora.train import parking as parking_mod
@@ -23,6 +24,19 @@ def _outputs(pipe):
     pixels = torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
     with torch.no_grad():
         return pipe.text_encoder(ids)[0], pipe.vae.encode(pixels).latent_dist.mode()
+
+
+@pytest.fixture(autouse=True)
+def park_small_models(monkeypatch):
+    """The tiny test models are far below the size worth parking on a CPU: park them anyway."""
+    monkeypatch.setattr(parking_mod, "MIN_DISK_PARK_BYTES", 0)
+
+
+def test_small_models_stay_in_cpu_memory_without_a_word(tmp_path, tiny_pipe, monkeypatch):
+    monkeypatch.setattr(parking_mod, "MIN_DISK_PARK_BYTES", 1 << 30)
+    p = Parking({"vae": tiny_pipe.vae}, torch.device("cpu"), tmp_path / "park")
+    assert not p.park() and p.reason is None and not p.path.exists()
+    assert not any(t.is_meta for t in tiny_pipe.vae.parameters())
 
 
 def test_cpu_parking_drops_the_tensors_and_restores_them_exactly(tmp_path, tiny_pipe):

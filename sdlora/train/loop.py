@@ -448,7 +448,7 @@ def _park_frozen(run: RunDir, base, data, adapter, accelerator, log: EventLog):
         if parking.park():
             log.emit(Message(f"moved the frozen {names} {where} until the samples "
                              f"({parking.nbytes / 1e9:.2f} GB): their outputs are cached"))
-        else:
+        elif parking.reason:
             log.emit(Message(f"kept the frozen {names} in memory: {parking.reason}"))
     return parking
 
