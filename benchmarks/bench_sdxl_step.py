@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         k["cpu_median_s"] = _median(cpus) if cpus else None
         k["median_s"] = _median(walls) if walls else None
         k["others_cores_median"] = _median(others) if others else None
-        status = k.get("error", "done")
+        status = (k.get("error") or "done").splitlines()[0]
         print(f"    {status}: steps " + ", ".join(f"{x:.1f}" for x in walls)
               + (f" s (median {k['median_s']:.2f} s, cpu {k['cpu_median_s'] or float('nan'):.1f} s; others used "
                  f"{k['others_cores_median'] or 0:.1f} cores)"
