@@ -19,11 +19,13 @@ under accelerate's autocast, ``accelerator.backward``, gradient clipping and the
 * the FLOPs of one step (``count_flops``, on the plain step) and the achieved FLOP/s as a share of
   this machine's matmul peak (measured at the start and the end of the run; the best counts);
 * CPU seconds per step and the cores other processes used meanwhile (``/proc/stat``);
-* peak RSS of a training process at 1024 px with gradient checkpointing (``--rss-size``), in a
-  fresh subprocess holding what a training run holds: UNet, both text encoders (CLIP ViT-L and
-  OpenCLIP bigG with projection) and the VAE, random weights from the shipped configs; it encodes
-  the caption with both encoders and a 1024 px image with the VAE (what the caches cost), then
-  runs ``--rss-steps`` steps; Linux's ``VmHWM``;
+* peak RSS of a training process at 1024 px with gradient checkpointing (``--rss-size``). With
+  ``--peers``: ``sdlora train`` itself as a whole process on the peers' model folder and image
+  (``benchmarks/peers.py``; ``/usr/bin/time -v``), then kohya's on the same. Without: a fresh
+  subprocess holding what a training run holds (UNet, both text encoders (CLIP ViT-L and
+  OpenCLIP bigG with projection) and the VAE, random weights built in memory), encoding the
+  caption with both encoders and a 1024 px image with the VAE, then ``--rss-steps`` steps;
+  Linux's ``VmHWM`` (this one keeps the text encoders and VAE, which the loop parks);
 * with ``--peers DIR``: kohya sd-scripts' ``sdxl_train_network.py`` on the same random weights and
   settings (512 px, batch 1, rank 16, UNet-only, cached latents and text-encoder outputs, SDPA,
   AdamW, fp32, ``--steps`` + 1 steps, the first not counted; attn-mlp = kohya's default LoRA,
@@ -31,7 +33,8 @@ under accelerate's autocast, ``accelerator.backward``, gradient clipping and the
   process at a time, with the load of the machine recorded; its step time is read from its
   progress bar. Then the sdlora/kohya ratios, and both peak memories: kohya's from
   ``/usr/bin/time -v`` (maximum resident set size) at 1024 px with ``--gradient_checkpointing``,
-  run after sdlora's peak-RSS process. Without ``--peers`` no cross-trainer ratio is printed.
+  run right after sdlora's (``--peer-rss no`` skips kohya's). Without ``--peers`` no cross-trainer
+  ratio is printed.
 
 Order of a run: sdlora's timings (one subprocess), kohya's timing runs, sdlora's peak-RSS
 process, kohya's 1024 px run; never two SDXL processes at once.
