@@ -340,7 +340,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     cleanup.callback(parking.discard)
     params = [p for g in param_groups for p in g["params"]]
     peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32, accelerator.device.type)
-    flops_per_step = _measure_step_flops(micro_step, data, params, optimizer) * cfg.gradient_accumulation_steps
+    flops_per_step = 0.0  # counted on this process's first micro-step (the count only watches the ops)
     times: list[float] = []
     step = start_step
     if tokens is not None:
@@ -358,7 +358,11 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
             final = micro == cfg.gradient_accumulation_steps - 1
             sync = contextlib.nullcontext() if final or not multi else accelerator.no_sync(train_unet)
             with sync:
-                out = micro_step(batch)
+                if not flops_per_step and micro == 0:
+                    out, flops = _counted(micro_step, batch)
+                    flops_per_step = flops * cfg.gradient_accumulation_steps
+                else:
+                    out = micro_step(batch)
             losses.append(out.loss_instance)
             if out.loss_prior is not None:
                 prior_losses.append(out.loss_prior)
@@ -465,26 +469,16 @@ def _checkpoint(run, cfg, step, adapter, optimizer, lr_scheduler, data, accelera
     return path
 
 
-def _measure_step_flops(micro_step, data, params, optimizer) -> float:
-    """FLOPs of one micro-step (forward + backward), measured on a step that leaves no trace.
+def _counted(micro_step, batch) -> tuple[Any, float]:
+    """One micro-step and its FLOPs (forward + backward, ``measure.count_flops``): the count only
+    watches the ops as they pass, so this step is the step an uncounted run takes."""
+    box = {}
 
-    The counting mode can route some ops through other kernels, so it runs on a copy of the next
-    batch before training and everything it touched (gradients, RNG, data position) is put back:
-    the training steps themselves are the same whether a run is fresh or resumed.
-    """
-    from .checkpoint import rng_state, set_rng_state
+    def run():
+        box["out"] = micro_step(batch)
 
-    data_state, rng, torch_rng = data.state_dict(), rng_state(), torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    try:
-        batch = data.next_batch()
-        return float(count_flops(lambda: micro_step(batch)))
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        for p in params:
-            p.grad = None
-        data.load_state_dict(data_state)
-        set_rng_state(rng, torch_rng, cuda_rng)
+    flops = float(count_flops(run))
+    return box["out"], flops
 
 
 def _mean_over_processes(value: float, accelerator) -> float:
