@@ -340,7 +340,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
     cleanup.callback(parking.discard)
     params = [p for g in param_groups for p in g["params"]]
     peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32, accelerator.device.type)
-    flops_per_step = 0.0  # counted on this process's first micro-step (the count only watches the ops)
+    flops_per_step: float | None = None  # counted on this process's first micro-step (the count only watches the ops)
     times: list[float] = []
     step = start_step
     if tokens is not None:
@@ -358,7 +358,7 @@ def _train(cfg: TrainConfig, run: RunDir, accelerator, log: EventLog, stop: _Sto
             final = micro == cfg.gradient_accumulation_steps - 1
             sync = contextlib.nullcontext() if final or not multi else accelerator.no_sync(train_unet)
             with sync:
-                if not flops_per_step and micro == 0:
+                if flops_per_step is None and micro == 0:
                     out, flops = _counted(micro_step, batch)
                     flops_per_step = flops * cfg.gradient_accumulation_steps
                 else:
