@@ -384,7 +384,8 @@ def run_trainer(trainer: str, peers: Path, name: str, size: int, steps: int, pre
               threads=threads)
     r = run_process(trainer, peers, job, name=name)
     out = r.to_dict()
-    out.update(size=size, preset=preset, command=" ".join(r.command))
+    out.update(size=size, preset=preset, command=" ".join(r.command), median_s=r.median_step(),
+               cpu_median_s=r.median_of("cpu"), others_cores_median=r.median_of("others"))
     return out
 
 
@@ -598,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     peers: list[dict] = []
     peers_dir = args.peers.resolve() if args.peers else None
 
-    def kohya(name: str, size: int, preset: str, steps: int, gc: bool, memory_run: bool, trainer: str = "kohya") -> dict:
+    def whole_process(name: str, size: int, preset: str, steps: int, gc: bool, memory_run: bool,
+                      trainer: str = "kohya") -> dict:
         note = _check_memory(f"{trainer} {name}", size, gradient_checkpointing=gc, full=True)
         if note:
             print("  " + note, flush=True)
@@ -611,13 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                         gradient_checkpointing=gc)
         k["gradient_checkpointing"], k["memory_run"] = gc, memory_run
         peers.append(k)
-        timed_rows = [s for s in k["steps"] if s["step"] >= 2] or k["steps"]
-        walls = [s["wall"] for s in timed_rows]
-        others = [s["others"] for s in timed_rows if s["others"] is not None]
-        cpus = [s["cpu"] for s in timed_rows if s.get("cpu") is not None]
-        k["cpu_median_s"] = _median(cpus) if cpus else None
-        k["median_s"] = _median(walls) if walls else None
-        k["others_cores_median"] = _median(others) if others else None
+        walls = [s["wall"] for s in k["steps"] if s["step"] >= 2] or [s["wall"] for s in k["steps"]]
         status = (k.get("error") or "done").splitlines()[0]
         print(f"    {status}: steps " + ", ".join(f"{x:.1f}" for x in walls)
               + (f" s (median {k['median_s']:.2f} s, cpu {k['cpu_median_s'] or float('nan'):.1f} s; others used "
@@ -631,17 +627,17 @@ def main(argv: list[str] | None = None) -> int:
               f"a time; fp32, {gc_text}, {args.steps + 1} steps, the first not counted):", flush=True)
         gc_tag = "-gc" if args.gradient_checkpointing else ""
         for p in presets:
-            kohya(f"sdxl-{p}-{args.size}{gc_tag}", args.size, p, args.steps + 1, args.gradient_checkpointing, False)
+            whole_process(f"sdxl-{p}-{args.size}{gc_tag}", args.size, p, args.steps + 1, args.gradient_checkpointing, False)
 
     rss = None
     if not args.skip_rss and peers_dir:
         # The real thing: `sdlora train` as a user runs it, then kohya, same model, image and settings.
         print(f"\npeak RSS of whole training processes ({args.rss_size} px, fp32, attn-mlp, gradient checkpointing, "
               f"{args.rss_steps} step(s); /usr/bin/time -v), one after the other:", flush=True)
-        rss = kohya(f"sdlora-sdxl-attn-mlp-{args.rss_size}-gc", args.rss_size, "attn-mlp", args.rss_steps, True, True,
-                    trainer="sdlora")
+        rss = whole_process(f"sdlora-sdxl-attn-mlp-{args.rss_size}-gc", args.rss_size, "attn-mlp", args.rss_steps, True, True,
+                            trainer="sdlora")
         if args.peer_rss == "yes":
-            kohya(f"sdxl-attn-mlp-{args.rss_size}-gc", args.rss_size, "attn-mlp", args.rss_steps, True, True)
+            whole_process(f"sdxl-attn-mlp-{args.rss_size}-gc", args.rss_size, "attn-mlp", args.rss_steps, True, True)
     elif not args.skip_rss:
         spec = {"kind": "rss", "preset": "attn-mlp", "rank": args.rank, "precision": auto_precision,
                 "size": args.rss_size, "mode": "auto", "threads": args.threads, "steps": args.rss_steps}

@@ -462,7 +462,7 @@ def run_peers(args, presets: list[str], results: list[dict]) -> list:
     if missing:
         raise SystemExit(f"--peers {peer_dir}: missing {', '.join(missing)} (set it up as ../shared/peer-bench/setup.sh does)")
     peer_presets = [p.strip() for p in (args.peer_presets or ",".join(presets) or "attn-mlp").split(",") if p.strip()]
-    mp = {"fp32": "no", "bf16": "bf16"}
+    mp = PRECISION_NAMES
     precisions = [p.strip() for p in args.peer_precisions.split(",") if p.strip()]
     print(f"\nwhole training processes on {peer_dir / 'sd15-random'} ({args.size} px, batch 1, rank {args.rank}, UNet-only "
           f"LoRA, AdamW, {args.peer_steps} steps), one at a time, each with the environment this benchmark started "

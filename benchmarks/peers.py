@@ -248,13 +248,14 @@ class Result:
     steps: list[dict] = field(default_factory=list)       # step, wall, cpu, others
     maxrss_gb: float | None = None
 
-    def median_step(self, first: int = 2) -> float | None:
-        walls = [s["wall"] for s in self.steps if s["step"] >= first] or [s["wall"] for s in self.steps]
-        return statistics.median(walls) if walls else None
-
     def median_of(self, key: str, first: int = 2) -> float | None:
-        vals = [s[key] for s in self.steps if s["step"] >= first and s.get(key) is not None]
+        """Median of ``key`` (wall, cpu, others) over steps ``first``.. (all steps when none is that late)."""
+        rows = [s for s in self.steps if s["step"] >= first] or self.steps
+        vals = [s[key] for s in rows if s.get(key) is not None]
         return statistics.median(vals) if vals else None
+
+    def median_step(self, first: int = 2) -> float | None:
+        return self.median_of("wall", first)
 
     def to_dict(self) -> dict:
         d = dict(vars(self))
